@@ -1,0 +1,94 @@
+"""Sample from a trained model, as nanoGPT's sample.py.
+
+    python launch/sample.py --out_dir=out-shakespeare-char --device=cpu
+"""
+import argparse
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from nanomoe_ds import checkpoint  # noqa: E402
+from nanomoe_ds.config import ConfigError  # noqa: E402
+from nanomoe_ds.data import resolve_data_dir  # noqa: E402
+from nanomoe_ds.model import GPT  # noqa: E402
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init_from", default="resume", help="resume (from out_dir) or a gpt2 variant")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    p.add_argument("--num_samples", type=int, default=10)
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile", type=lambda s: s == "True", default=False)
+    # nanoGPT users type --key=value; argparse already accepts that form.
+    return p.parse_args(argv)
+
+
+def load_codec(ckpt):
+    """Char-level codec from the dataset's meta.pkl, else GPT-2 BPE."""
+    if ckpt is not None and "config" in ckpt:
+        cfg = ckpt["config"]
+        meta_path = resolve_data_dir(cfg["dataset"], cfg.get("data_dir", "")) / "meta.pkl"
+        if meta_path.exists():
+            print(f"loading meta from {meta_path}...")
+            with open(meta_path, "rb") as f:
+                meta = pickle.load(f)
+            stoi, itos = meta["stoi"], meta["itos"]
+
+            def encode(s):
+                missing = sorted({c for c in s if c not in stoi})
+                if missing:
+                    raise ConfigError(f"--start has characters not in the vocabulary: {missing!r}")
+                return [stoi[c] for c in s]
+            return encode, lambda ids: "".join(itos[i] for i in ids)
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+def main(argv):
+    a = parse(argv)
+    torch.manual_seed(a.seed)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device={a.device} but CUDA is not available here; use --device=cpu")
+    ckpt = None
+    if a.init_from == "resume":
+        ckpt = checkpoint.load(a.out_dir)
+        model = checkpoint.model_from_checkpoint(ckpt)
+    else:
+        model = GPT.from_pretrained(a.init_from, {"dropout": 0.0})
+    model.eval().to(a.device)
+    if a.compile:
+        model = torch.compile(model)
+    encode, decode = load_codec(ckpt)
+    start = a.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    x = torch.tensor(encode(start), dtype=torch.long, device=a.device)[None, ...]
+    kind = a.device.split(":")[0]
+    ctx = nullcontext() if a.dtype == "float32" else torch.autocast(device_type=kind, dtype=getattr(torch, a.dtype))
+    with torch.no_grad(), ctx:
+        for _ in range(a.num_samples):
+            y = model.generate(x, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k)
+            print(decode(y[0].tolist()))
+            print("---------------")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,257 @@
+"""Typed configuration: a preset file plus --key=value overrides, validated early.
+
+Like nanoGPT's configurator, a preset is a plain Python file whose top-level
+assignments override the defaults, and `--key=value` arguments override the
+preset. Unlike it, every key is checked against the typed dataclasses below, so
+a typo or an impossible value stops the run with one line before any compute.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; its message is a single actionable line."""
+
+
+GATES = ("softmax_topk", "topk_softmax", "sigmoid")
+EXPERT_ACTS = ("gelu", "swiglu")
+MOE_IMPLS = ("auto", "grouped_mm", "bmm", "loop")
+CAPACITY_PRIORITIES = ("score", "position")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    # --- Mixture of Experts (names of the first three follow the nanoGPT-MoE seed) ---
+    use_moe: bool = False
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_every: int = 1  # an MoE MLP in every Nth block, dense elsewhere
+    num_shared_experts: int = 0  # DeepSeekMoE: experts every token passes through
+    expert_hidden: int = 0  # 0 means 4 * n_embd, like a GPT-2 MLP
+    expert_act: str = "gelu"
+    gate: str = "softmax_topk"
+    router_jitter: float = 0.0  # multiplicative input noise while training (Switch)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0  # > 0 turns on aux-loss-free balancing (DeepSeek-V3)
+    capacity_factor: float = 0.0  # 0 is dropless
+    eval_capacity_factor: float = -1.0  # -1 means: the same as capacity_factor
+    capacity_priority: str = "score"
+    moe_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.expert_hidden == 0:
+            self.expert_hidden = 4 * self.n_embd
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.use_moe and (layer_idx + 1) % self.moe_every == 0
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False
+    always_save_checkpoint: bool = True
+    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    log_moe_stats: bool = True
+    # wandb
+    wandb_log: bool = False
+    wandb_project: str = "nanomoe"
+    wandb_run_name: str = "run"
+    # data
+    dataset: str = "openwebtext"
+    data_dir: str = ""  # default: data/<dataset> in the repository
+    gradient_accumulation_steps: int = 40  # global micro-batches per step, split over ranks
+    batch_size: int = 12  # micro-batch size per rank
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # learning-rate schedule: linear warmup, cosine decay to min_lr
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    min_lr: float = 6e-5
+    # system
+    device: str = "cuda"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = True
+    seed: int = 1337
+    # DeepSpeed (the JSON owns precision, ZeRO, clipping and batch sizes)
+    deepspeed_config: str = ""
+    ep_size: int = 1
+    local_rank: int = -1  # set by the deepspeed launcher; otherwise unused
+
+
+MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+assert not MODEL_KEYS & TRAIN_KEYS, "a key must belong to exactly one config"
+ALL_KEYS = MODEL_KEYS | TRAIN_KEYS
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+FIELD_TYPES = {**_field_types(GPTConfig), **_field_types(TrainConfig)}
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, sorted(ALL_KEYS), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; see nanomoe_ds/config.py for the keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def coerce(key: str, value):
+    """Convert a string (from the command line) or a Python value (from a preset) to the key's type."""
+    if key not in FIELD_TYPES:
+        raise _unknown(key)
+    want = FIELD_TYPES[key]
+    if isinstance(value, str) and want is not str:
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--{key}: cannot parse {value!r} as {want.__name__}") from None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not want:  # bool is an int subclass: be strict on purpose
+        raise ConfigError(f"--{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_args(argv: list[str]) -> dict:
+    """Collect overrides from `preset.py` files and `--key=value` / `--key value` args, in order."""
+    overrides: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            overrides.update(load_preset(arg))
+        else:
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if key not in FIELD_TYPES:
+                raise _unknown(key)
+            if not eq:
+                if FIELD_TYPES[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                    value = "True"  # a bare flag
+                elif i + 1 < len(argv):
+                    i += 1
+                    value = argv[i]
+                else:
+                    raise ConfigError(f"--{key} needs a value, e.g. --{key}=...")
+            overrides[key] = coerce(key, value)
+        i += 1
+    return overrides
+
+
+def load_preset(path: str) -> dict:
+    try:
+        src = open(path).read()
+    except OSError as e:
+        raise ConfigError(f"cannot read preset file '{path}': {e.strerror}") from None
+    scope: dict = {}
+
+    def include(name: str):  # a preset can build on another: include("train_gpt2.py")
+        base = os.path.join(os.path.dirname(path), name)
+        scope.update(load_preset(base))
+
+    scope["include"] = include
+    try:
+        exec(compile(src, path, "exec"), scope)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"preset '{path}' failed: {type(e).__name__}: {e}") from None
+    return {k: coerce(k, v) for k, v in scope.items()
+            if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))}
+
+
+def build(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
+    model = GPTConfig(**{k: v for k, v in overrides.items() if k in MODEL_KEYS})
+    train = TrainConfig(**{k: v for k, v in overrides.items() if k in TRAIN_KEYS})
+    validate_model(model)
+    validate_train(train)
+    return model, train
+
+
+def from_argv(argv: list[str]) -> tuple[GPTConfig, TrainConfig]:
+    return build(parse_args(argv))
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_model(c: GPTConfig):
+    for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        _check(getattr(c, k) > 0, f"{k} must be positive, got {getattr(c, k)}")
+    _check(c.n_embd % c.n_head == 0, f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})")
+    _check(0.0 <= c.dropout < 1.0, f"dropout must be in [0, 1), got {c.dropout}")
+    if not c.use_moe:
+        return
+    _check(c.num_experts >= 1, f"num_experts must be at least 1, got {c.num_experts}")
+    _check(1 <= c.num_experts_per_tok <= c.num_experts,
+           f"num_experts_per_tok must be between 1 and num_experts ({c.num_experts}), got {c.num_experts_per_tok}")
+    _check(c.moe_every >= 1, f"moe_every must be at least 1, got {c.moe_every}")
+    _check(c.num_shared_experts >= 0, f"num_shared_experts must be >= 0, got {c.num_shared_experts}")
+    _check(c.expert_hidden > 0, f"expert_hidden must be a positive integer, got {c.expert_hidden}")
+    _check(c.gate in GATES, f"unknown gate '{c.gate}'; choose one of {', '.join(GATES)}")
+    _check(c.expert_act in EXPERT_ACTS, f"unknown expert_act '{c.expert_act}'; choose one of {', '.join(EXPERT_ACTS)}")
+    _check(c.moe_impl in MOE_IMPLS, f"unknown moe_impl '{c.moe_impl}'; choose one of {', '.join(MOE_IMPLS)}")
+    _check(c.capacity_priority in CAPACITY_PRIORITIES,
+           f"unknown capacity_priority '{c.capacity_priority}'; choose one of {', '.join(CAPACITY_PRIORITIES)}")
+    _check(c.capacity_factor >= 0, f"capacity_factor must be >= 0 (0 is dropless), got {c.capacity_factor}")
+    _check(c.eval_capacity_factor >= 0 or c.eval_capacity_factor == -1,
+           f"eval_capacity_factor must be >= 0, or -1 for 'same as capacity_factor', got {c.eval_capacity_factor}")
+    for k in ("router_jitter", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        _check(getattr(c, k) >= 0 and math.isfinite(getattr(c, k)), f"{k} must be >= 0, got {getattr(c, k)}")
+
+
+def validate_train(t: TrainConfig):
+    for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval", "ep_size"):
+        _check(getattr(t, k) >= 1, f"{k} must be at least 1, got {getattr(t, k)}")
+    _check(t.max_iters >= 0, f"max_iters must be >= 0, got {t.max_iters}")
+    _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
+    _check(t.init_from in ("scratch", "resume") or t.init_from.startswith("gpt2"),
+           f"unknown init_from '{t.init_from}'; choose scratch, resume or gpt2[-medium|-large|-xl]")
+    _check(t.learning_rate > 0 and 0 <= t.min_lr <= t.learning_rate,
+           f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) and learning_rate > 0")
+    _check(t.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {t.grad_clip}")
+    dev = t.device
+    _check(dev in ("cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+           f"unknown device '{dev}'; use cpu, cuda, cuda:N or mps")
+
+
+def to_dict(model: GPTConfig, train: TrainConfig) -> dict:
+    return {**dataclasses.asdict(model), **dataclasses.asdict(train)}
+
+
+def describe(model: GPTConfig, train: TrainConfig) -> str:
+    return json.dumps(to_dict(model, train), sort_keys=True)

@@ -1,0 +1,201 @@
+"""GPT with optional Mixture-of-Experts MLPs, after Karpathy's nanoGPT model.py.
+
+References: GPT-2 (OpenAI), nanoGPT, and HuggingFace's GPT-2 for `from_pretrained`.
+This file knows nothing of process groups or DeepSpeed.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .moe import MLP, MoE, init_moe_
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))  # the residual the seed dropped
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.vocab_size is not None and cfg.block_size is not None
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):  # GPT-2: scale residual projections
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self._moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
+        for m in self._moe_layers:
+            init_moe_(m, cfg.n_layer)
+        self.last_losses: dict = {}
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def moe_layers(self) -> list[MoE]:
+        return self._moe_layers
+
+    def get_num_params(self, non_embedding: bool = True, active: bool = False) -> int:
+        """Parameter count; with active=True, count only the k routed experts a token uses."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        if active:
+            for m in self.moe_layers():
+                per_expert = sum(p.numel() for p in m.experts.parameters()) // m.experts.num_experts
+                n -= per_expert * (m.experts.num_experts - m.k)
+        return n
+
+    def forward(self, idx, targets=None):
+        """Returns (logits, loss).
+
+        While training, loss = cross-entropy + the MoE auxiliary terms. In eval
+        mode it is the pure cross-entropy. `self.last_losses` keeps the detached
+        parts for logging.
+        """
+        device = idx.device
+        b, t = idx.size()
+        assert t <= self.config.block_size, f"sequence of {t} exceeds block_size {self.config.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position
+        logits = self.lm_head(x)
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        loss = ce
+        self.last_losses = {"ce": ce.detach()}
+        moes = self.moe_layers()
+        if self.training and moes:
+            aux = torch.stack([m.aux_loss for m in moes]).mean()
+            z = torch.stack([m.z_loss for m in moes]).mean()
+            loss = ce + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
+            self.last_losses.update(aux_loss=aux.detach(), z_loss=z.detach())
+        return logits, loss
+
+    def crop_block_size(self, block_size: int):
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, model_type_or_path: str, override_args: dict | None = None):
+        """Load GPT-2 weights from HuggingFace (a hub name or a local directory) into a dense GPT."""
+        from transformers import GPT2LMHeadModel
+
+        override_args = override_args or {}
+        assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
+        hf = GPT2LMHeadModel.from_pretrained(model_type_or_path)
+        hc = hf.config
+        cfg = GPTConfig(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, vocab_size=hc.vocab_size,
+                        block_size=hc.n_positions, bias=True, **override_args)
+        model = cls(cfg)
+        sd = model.state_dict()
+        sd_hf = {k: v for k, v in hf.state_dict().items()
+                 if not k.endswith(".attn.masked_bias") and not k.endswith(".attn.bias")}
+        # HF uses Conv1D modules: these weights are stored transposed.
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        assert set(sd_hf) == set(sd), f"mismatched keys: {set(sd_hf) ^ set(sd)}"
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                src = v.t() if k.endswith(transposed) else v
+                assert src.shape == sd[k].shape, f"shape mismatch for {k}: {src.shape} vs {sd[k].shape}"
+                sd[k].copy_(src)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with decay on matrices (>= 2-D tensors, experts and router included), none on biases/norms."""
+        groups = self.optimizer_groups(weight_decay)
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = 312e12) -> float:
+        """Model FLOPs utilisation against `peak_flops` (A100 bf16 by default), on *active* parameters."""
+        cfg = self.config
+        N = self.get_num_params(active=True)
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T  # PaLM appendix B
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx

@@ -1,0 +1,228 @@
+"""The Mixture-of-Experts MLP: router, stacked experts and the layer that joins them.
+
+One implementation serves every path. On a single device `self.ep` is None; the
+expert-parallel module (expert_parallel.py) sets it to an exchange object that
+moves the permuted tokens to the ranks owning their experts and back. Nothing
+else changes, which is what the EP-vs-single-device equivalence tests check.
+
+Ideas credited to: Switch Transformer (aux loss, jitter, capacity), ST-MoE
+(z-loss), Mixtral (softmax-then-top-k), DeepSeekMoE/V3 (shared experts, sigmoid
+gate, aux-loss-free bias balancing), Megatron-Core and torchtitan (stacked
+experts with a grouped GEMM over expert-sorted tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .dispatch import capacity, permute, unpermute
+
+
+class Router(nn.Module):
+    """Scores tokens against experts in float32 and picks the top-k.
+
+    The router runs in fp32 even under autocast or a bf16 engine: top-k choices
+    and the softmax are sensitive to rounding, and its cost is negligible.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.num_experts, self.k, self.gate = cfg.num_experts, cfg.num_experts_per_tok, cfg.gate
+        self.jitter = cfg.router_jitter
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.n_embd))
+        # Aux-loss-free balancing: added to the scores for *selection only*.
+        self.register_buffer("score_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor):
+        """x: [T, d] -> (topk_idx [T, k], topk_weight [T, k] fp32, logits [T, E] fp32, probs [T, E])."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(x, self.weight.float())
+            if self.gate == "sigmoid":
+                scores = torch.sigmoid(logits)
+                probs = scores / scores.sum(-1, keepdim=True)
+            else:
+                scores = probs = torch.softmax(logits, dim=-1)
+            select = scores + self.score_bias if self.gate != "topk_softmax" else logits + self.score_bias
+            topk_idx = torch.topk(select, self.k, dim=-1, sorted=True).indices
+            if self.gate == "topk_softmax":
+                w = torch.softmax(logits.gather(-1, topk_idx), dim=-1)
+            else:
+                w = scores.gather(-1, topk_idx)
+                w = w / w.sum(-1, keepdim=True)
+        return topk_idx, w, logits, probs
+
+
+class GroupedExperts(nn.Module):
+    """E GPT-2 MLPs stored as stacked tensors, applied to rows already sorted by expert.
+
+    Three kernels compute the same thing (tests hold them equal); `impl` picks one:
+      - grouped_mm: one grouped GEMM over variable-size groups (fast on Hopper);
+      - bmm: pad every group to the largest count, then one batched matmul;
+      - loop: one matmul per expert over its contiguous rows.
+    """
+
+    def __init__(self, num_experts: int, d: int, hidden: int, act: str = "gelu", bias: bool = True,
+                 impl: str = "auto"):
+        super().__init__()
+        self.num_experts, self.act, self.impl = num_experts, act, impl
+        self.w_in = nn.Parameter(torch.empty(num_experts, d, hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, d))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if act == "swiglu" else None
+        self.b_in = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d)) if bias else None
+
+    def choose_impl(self, x: torch.Tensor) -> str:
+        if self.impl != "auto":
+            return self.impl
+        # Measured in docs/benchmarks.md: grouped GEMM wins on CUDA; on CPU the
+        # padded bmm is faster for few large experts and the loop for many small ones.
+        if x.device.type == "cuda":
+            return "grouped_mm"
+        return "bmm" if self.num_experts <= 16 else "loop"
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [N, d] rows grouped by expert, counts: [E] rows per expert -> [N, d]."""
+        if x.shape[0] == 0:
+            # A rank can receive no tokens under expert parallelism. Touch every
+            # weight anyway so each gets a (zero) gradient and optimizers stay in step.
+            return x.new_zeros(0, self.w_out.shape[-1]) + 0 * sum(p.sum() for p in self.parameters())
+        impl = self.choose_impl(x)
+        # Grouped GEMM is not on autocast's list, so pick the compute dtype once,
+        # explicitly, for every kernel: they then round identically.
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x = x.to(dt)
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)
+        h = self._matmul(impl, x, self.w_in.to(dt), counts, expert_of_row)
+        if self.b_in is not None:
+            h = h + self.b_in.to(dt)[expert_of_row]
+        if self.act == "swiglu":
+            h = F.silu(self._matmul(impl, x, self.w_gate.to(dt), counts, expert_of_row)) * h
+        else:
+            h = F.gelu(h)
+        y = self._matmul(impl, h, self.w_out.to(dt), counts, expert_of_row)
+        if self.b_out is not None:
+            y = y + self.b_out.to(dt)[expert_of_row]
+        return y
+
+    @staticmethod
+    def _matmul(impl: str, x, w, counts, expert_of_row) -> torch.Tensor:
+        if impl == "grouped_mm":
+            return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
+        sizes = counts.tolist()
+        if impl == "loop":
+            return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0])
+        # bmm: scatter rows into an [E, max_count, d] buffer, multiply, gather back.
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
+        padded = x.new_zeros(len(sizes), max(sizes), x.shape[-1])
+        padded[expert_of_row, slot] = x
+        return torch.bmm(padded, w)[expert_of_row, slot]
+
+
+class MLP(nn.Module):
+    """The GPT-2 MLP: also the dense block and the shared experts of DeepSeekMoE."""
+
+    def __init__(self, d: int, hidden: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.c_fc = nn.Linear(d, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, d, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (+ optional shared experts) in place of a block's MLP."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts, self.k = cfg.num_experts, cfg.num_experts_per_tok
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.n_embd, cfg.expert_hidden, cfg.expert_act,
+                                      cfg.bias, cfg.moe_impl)
+        self.shared_mlp = (MLP(cfg.n_embd, cfg.num_shared_experts * cfg.expert_hidden, cfg.bias)
+                           if cfg.num_shared_experts else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.ep = None  # an exchange (expert_parallel.py) when experts are sharded over ranks
+        self.aux_loss = self.z_loss = None  # set by each training forward
+        self.stats: dict = {}
+        # Token counts per expert since the last bias update (aux-loss-free balancing).
+        self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+
+    def capacity_factor(self) -> float:
+        c = self.cfg
+        if self.training or c.eval_capacity_factor < 0:
+            return c.capacity_factor
+        return c.eval_capacity_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        xt = x.reshape(-1, C)
+        topk_idx, topk_w, logits, probs = self.router(xt)
+        cap = capacity(xt.shape[0], self.k, self.num_experts, self.capacity_factor())
+        perm = permute(topk_idx, topk_w, self.num_experts, cap, self.cfg.capacity_priority)
+        xs = xt[perm.token_idx]
+        if self.ep is None:
+            ys = self.experts(xs, perm.counts)
+        else:
+            ys = self.ep.run(self.experts, xs, perm.counts)
+        out = unpermute(ys, perm, topk_w).to(x.dtype)
+        if self.shared_mlp is not None:
+            out = out + self.shared_mlp(xt)
+        self._record(topk_idx, logits, probs, perm)
+        return self.dropout(out.view(B, T, C))
+
+    def _record(self, topk_idx, logits, probs, perm):
+        """Aux terms for the loss, plus detached routing statistics for logging."""
+        E, k = self.num_experts, self.k
+        chosen = torch.bincount(topk_idx.reshape(-1), minlength=E)
+        if self.training:
+            # Switch aux loss, normalised by k so a perfectly balanced layer scores
+            # exactly 1.0: f_i is the fraction of the T*k assignments sent to expert
+            # i (sum f = 1), P_i the mean router probability. E * sum(f * P) = 1 when
+            # both are uniform. (Megatron counts f_i over T, so its value is k times ours.)
+            f = chosen.float() / topk_idx.numel()
+            self.aux_loss = E * torch.sum(f * probs.mean(0))
+            self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+            self.load += perm.counts.detach()
+        load = perm.counts.detach().float()
+        mean = load.mean().clamp(min=1e-9)
+        self.stats = {
+            "tokens_per_expert": perm.counts.detach(),
+            "load_cv": (load.std(unbiased=False) / mean),
+            "load_max_over_mean": load.max() / mean,
+            "dead_experts": (perm.counts == 0).sum(),
+            "drop_frac": perm.dropped / max(perm.num_assignments, 1),
+        }
+
+    @torch.no_grad()
+    def update_bias(self, rate: float, load: torch.Tensor | None = None):
+        """After an optimizer step: raise under-loaded experts' bias and lower over-loaded ones' (sign rule)."""
+        load = (self.load if load is None else load).float()
+        if load.sum() > 0:
+            err = load.mean() - load
+            self.router.score_bias += rate * torch.sign(err).to(self.router.score_bias)
+        self.load.zero_()
+
+
+def init_moe_(moe: MoE, n_layer: int, std: float = 0.02):
+    """GPT-2 init: N(0, 0.02), residual-output projections scaled by 1/sqrt(2 * n_layer)."""
+    torch.nn.init.normal_(moe.router.weight, 0.0, std)
+    ex = moe.experts
+    for w in (ex.w_in, ex.w_gate):
+        if w is not None:
+            torch.nn.init.normal_(w, 0.0, std)
+    torch.nn.init.normal_(ex.w_out, 0.0, std / math.sqrt(2 * n_layer))
+    for b in (ex.b_in, ex.b_out):
+        if b is not None:
+            torch.nn.init.zeros_(b)
