@@ -241,8 +241,9 @@ def validate_train(t: TrainConfig):
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
     _check(t.init_from in ("scratch", "resume") or t.init_from.startswith("gpt2"),
            f"unknown init_from '{t.init_from}'; choose scratch, resume or gpt2[-medium|-large|-xl]")
-    _check(t.learning_rate > 0 and 0 <= t.min_lr <= t.learning_rate,
-           f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) and learning_rate > 0")
+    _check(t.learning_rate > 0, f"learning_rate must be positive, got {t.learning_rate}")
+    _check(not t.decay_lr or 0 <= t.min_lr <= t.learning_rate,
+           f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) when decay_lr=True")
     _check(t.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {t.grad_clip}")
     dev = t.device
     _check(dev in ("cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),

@@ -129,8 +129,8 @@ def moe_stats(model: GPT) -> list[dict]:
         out.append({"tokens_per_expert": s["tokens_per_expert"].tolist(), "load_cv": float(s["load_cv"]),
                     "load_max_over_mean": float(s["load_max_over_mean"]), "dead_experts": int(s["dead_experts"]),
                     "drop_frac": float(s["drop_frac"]),
-                    "aux_loss": float(m.aux_loss) if m.aux_loss is not None else None,
-                    "z_loss": float(m.z_loss) if m.z_loss is not None else None})
+                    "aux_loss": float(m.aux_loss.detach()) if m.aux_loss is not None else None,
+                    "z_loss": float(m.z_loss.detach()) if m.z_loss is not None else None})
     return out
 
 
@@ -227,7 +227,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
             _, loss = engine.forward(x, y)
             engine.backward(loss)
             ll = model.last_losses
-            parts += torch.tensor([float(loss), float(ll["ce"]), float(ll.get("aux_loss", 0.0)),
+            parts += torch.tensor([loss.item(), float(ll["ce"]), float(ll.get("aux_loss", 0.0)),
                                    float(ll.get("z_loss", 0.0))], dtype=torch.float64)
         grad_norm = engine.step(lr)
         if model.config.bias_update_rate > 0:

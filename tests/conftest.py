@@ -1,0 +1,32 @@
+"""Shared fixtures: the prepared shakespeare_char data and a tiny-run config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """shakespeare_char prepared once per session into a temp dir (never into the repo)."""
+    assert SHAKESPEARE.is_file(), f"missing {SHAKESPEARE}: CI lays shared/ beside the repo"
+    out = tmp_path_factory.mktemp("shakespeare_char")
+    subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), "--input", str(SHAKESPEARE),
+                    "--out_dir", str(out)], check=True, capture_output=True)
+    return out
+
+
+def tiny_args(data_dir: Path, out_dir: Path, **over) -> list[str]:
+    """Command-line args for a seconds-long CPU run of a tiny MoE GPT."""
+    args = dict(dataset="shakespeare_char", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
+                compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
+                gradient_accumulation_steps=2, max_iters=6, lr_decay_iters=6, warmup_iters=2, eval_interval=3,
+                eval_iters=2, log_interval=1, dropout=0.0, use_moe=True, num_experts=4, num_experts_per_tok=2,
+                learning_rate=1e-3, min_lr=1e-4, always_save_checkpoint=True)
+    args.update(over)
+    return [f"--{k}={v}" for k, v in args.items()]

@@ -1,0 +1,122 @@
+"""GPT: shapes, causality, MoE on/off, parameter counts, GPT-2 loading."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanomoe_ds.config import GPTConfig
+from nanomoe_ds.model import GPT
+from nanomoe_ds.moe import MLP, MoE
+
+
+def tiny(**kw):
+    base = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    return GPTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_shapes_and_loss(use_moe):
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=use_moe, num_experts=4))
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 50) and loss.ndim == 0
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 50) and loss is None
+    assert all(isinstance(b.mlp, MoE if use_moe else MLP) for b in model.transformer.h)
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_causality(use_moe):
+    """Changing a future token leaves the logits at earlier positions unchanged."""
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=use_moe, num_experts=4)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 10] = (idx2[:, 10] + 1) % 50
+    a, _ = model(idx, idx)
+    b, _ = model(idx2, idx2)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_residual_around_moe():
+    """With all expert weights zeroed, the MoE adds nothing and the block is attention + residual."""
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=True, num_experts=4, bias=False)).eval()
+    for m in model.moe_layers():
+        m.experts.w_out.data.zero_()
+    x = torch.randn(2, 16, 16)
+    blk = model.transformer.h[0]
+    expected = x + blk.attn(blk.ln_1(x))
+    assert torch.allclose(blk(x), expected, atol=1e-6)
+
+
+def test_active_params_count_topk_experts():
+    cfg = tiny(use_moe=True, num_experts=8, num_experts_per_tok=2, bias=False)
+    model = GPT(cfg)
+    per_expert = 2 * cfg.n_embd * cfg.expert_hidden
+    total, active = model.get_num_params(), model.get_num_params(active=True)
+    assert total - active == cfg.n_layer * 6 * per_expert
+    dense = GPT(tiny(bias=False))
+    # top-2 of 8 experts: exactly 2 dense MLPs' worth of expert weights, plus the router
+    assert active == dense.get_num_params() + cfg.n_layer * (per_expert + cfg.num_experts * cfg.n_embd)
+    # MFU counts active parameters: top-2 of 8 experts costs what top-2 of 2 costs
+    two = GPT(tiny(use_moe=True, num_experts=2, num_experts_per_tok=2, bias=False))
+    assert active - two.get_num_params(active=True) == cfg.n_layer * 6 * cfg.n_embd  # only the router grew
+    assert model.estimate_mfu(4, 1.0) < GPT(tiny(use_moe=True, num_experts=8, num_experts_per_tok=8,
+                                                  bias=False)).estimate_mfu(4, 1.0)
+
+
+def test_aux_loss_in_training_loss_not_in_eval_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=True, num_experts=4, aux_loss_coef=0.5, z_loss_coef=0.1))
+    idx = torch.randint(0, 50, (2, 16))
+    logits, loss = model(idx, idx)
+    ll = model.last_losses
+    ce = F.cross_entropy(logits.view(-1, 50), idx.view(-1))
+    assert torch.allclose(ll["ce"], ce)
+    assert torch.allclose(loss, ce + 0.5 * ll["aux_loss"] + 0.1 * ll["z_loss"])
+    assert loss > ce + 0.4  # the aux term (>= ~1) is really in there
+    model.eval()
+    logits, loss = model(idx, idx)
+    assert torch.allclose(loss, F.cross_entropy(logits.view(-1, 50), idx.view(-1)))
+
+
+def test_weight_tying_and_crop():
+    model = GPT(tiny())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.crop_block_size(8)
+    logits, _ = model(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))
+    assert logits.shape == (1, 8, 50)
+
+
+def test_optimizer_groups_decay_matrices_only():
+    model = GPT(tiny(use_moe=True, num_experts=4))
+    groups = model.optimizer_groups(0.1)
+    decay, no_decay = groups[0]["params"], groups[1]["params"]
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() < 2 for p in no_decay)
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_generate_top_k_and_length():
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=True, num_experts=4)).eval()
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.8, top_k=5)
+    assert out.shape == (1, 21)
+
+
+def test_from_pretrained_matches_transformers(tmp_path):
+    """Load a tiny GPT2LMHeadModel saved locally and match its logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16)).eval()
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        ours, _ = model(idx, idx)
+    assert torch.allclose(ours, ref, atol=1e-5)

@@ -1,0 +1,99 @@
+"""End to end on the CPU: the loop, metrics.jsonl, checkpoints, resume and sampling."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanomoe_ds.config import ConfigError, from_argv
+from nanomoe_ds.trainer import get_lr, train
+
+from conftest import REPO, tiny_args
+
+
+def run_tiny(char_data, out, **over):
+    m, t = from_argv(tiny_args(char_data, out, **over))
+    return train(m, t)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_loss_falls_and_metrics_are_logged(char_data, tmp_path):
+    res = run_tiny(char_data, tmp_path, max_iters=30, lr_decay_iters=30, eval_interval=30, learning_rate=3e-3)
+    losses = res["train_losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    rows = read_metrics(tmp_path)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert len(train_rows) == 31 and [r["iter"] for r in eval_rows] == [0, 30]
+    r = train_rows[-1]
+    for key in ("iter", "loss", "ce_loss", "aux_loss", "z_loss", "lr", "tokens_per_sec", "grad_norm", "moe"):
+        assert key in r
+    assert r["loss"] > r["ce_loss"]  # the aux term is part of the training loss
+    moe = r["moe"][0]
+    assert sum(moe["tokens_per_expert"]) == 4 * 32 * 2 and moe["drop_frac"] == 0.0
+    assert {"load_cv", "load_max_over_mean", "dead_experts", "aux_loss", "z_loss"} <= moe.keys()
+    assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_resume_reproduces_uninterrupted_losses(char_data, tmp_path):
+    """Stop at iteration 3, resume, and get the same fp32 losses as a run that never stopped."""
+    full = run_tiny(char_data, tmp_path / "full", dropout=0.1, router_jitter=0.1)["train_losses"]
+    part = tmp_path / "part"
+    run_tiny(char_data, part, dropout=0.1, router_jitter=0.1, max_iters=3)  # checkpoint at iter 3
+    res = run_tiny(char_data, part, dropout=0.1, router_jitter=0.1, init_from="resume")
+    assert res["train_losses"] == pytest.approx(full[3:], rel=1e-6, abs=0)
+
+
+def test_resume_keeps_router_bias(char_data, tmp_path):
+    run_tiny(char_data, tmp_path, bias_update_rate=0.01, max_iters=3)
+    import torch
+    sd = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    bias = sd["transformer.h.0.mlp.router.score_bias"]
+    assert bias.abs().sum() > 0  # moved by the sign rule, and saved
+
+
+def test_lr_schedule():
+    m, t = from_argv(["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10", "--lr_decay_iters=110"])
+    assert get_lr(0, t) == pytest.approx(1 / 11)
+    assert get_lr(10, t) == pytest.approx(1.0)
+    assert get_lr(60, t) == pytest.approx(0.55)
+    assert get_lr(200, t) == pytest.approx(0.1)
+
+
+def test_missing_data_is_refused_before_compute(tmp_path):
+    m, t = from_argv(tiny_args(tmp_path / "nothing", tmp_path))
+    with pytest.raises(ConfigError, match="missing .*train.bin; run data/nothing/prepare.py first"):
+        train(m, t)
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--n_layers=2"], "error: unknown config key 'n_layers'; did you mean n_layer"),
+    (["--device=cpu", "--dtype=float16"], "error: --dtype=float16 is not supported on cpu"),
+    (["--device=cuda"], "error: --device=cuda but CUDA is not available here; use --device=cpu"),
+])
+def test_cli_refusals_are_one_line(char_data, tmp_path, argv, msg):
+    r = cli("launch/train.py", *tiny_args(char_data, tmp_path), *argv)
+    assert r.returncode == 2 and r.stderr.startswith(msg), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_train_then_sample(char_data, tmp_path):
+    r = cli("launch/train.py", "launch/config/train_shakespeare_char.py", *tiny_args(char_data, tmp_path),
+            "--max_iters=3", "--eval_interval=3")
+    assert r.returncode == 0, r.stderr
+    assert "step 3: train loss" in r.stdout
+    r = cli("launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--num_samples=2",
+            "--max_new_tokens=20", "--start=ROMEO:")
+    assert r.returncode == 0, r.stderr
+    samples = [s for s in r.stdout.split("---------------") if "ROMEO:" in s]
+    assert len(samples) == 2
+    r = cli("launch/sample.py", f"--out_dir={tmp_path / 'none'}", "--device=cpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint at")
