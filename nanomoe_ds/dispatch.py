@@ -71,5 +71,6 @@ def unpermute(y: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor) -> 
     T, k = topk_weight.shape
     buf = y.new_zeros(perm.num_assignments, y.shape[-1])
     buf[perm.order] = y
-    out = (buf.view(T, k, -1).float() * topk_weight.unsqueeze(-1)).sum(1)
+    acc = torch.promote_types(buf.dtype, torch.float32)  # sum the k slots in at least fp32
+    out = (buf.view(T, k, y.shape[-1]).to(acc) * topk_weight.unsqueeze(-1)).sum(1)
     return out.to(y.dtype)

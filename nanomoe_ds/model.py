@@ -167,15 +167,17 @@ class GPT(nn.Module):
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with decay on matrices (>= 2-D tensors, experts and router included), none on biases/norms."""
+        """AdamW with decay on weight matrices (experts and router included), none on biases/norms."""
         groups = self.optimizer_groups(weight_decay)
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        decay = [p for p in params.values() if p.dim() >= 2]
-        no_decay = [p for p in params.values() if p.dim() < 2]
+        # Stacked expert biases are 2-D ([E, h]) but are still biases.
+        is_decayed = {n: p.dim() >= 2 and not n.endswith(("b_in", "b_out")) for n, p in params.items()}
+        decay = [p for n, p in params.items() if is_decayed[n]]
+        no_decay = [p for n, p in params.items() if not is_decayed[n]]
         return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 

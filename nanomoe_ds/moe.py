@@ -194,7 +194,7 @@ class MoE(nn.Module):
             f = chosen.float() / topk_idx.numel()
             self.aux_loss = E * torch.sum(f * probs.mean(0))
             self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-            self.load += perm.counts.detach()
+            self.load += chosen  # what the router chose, before any capacity drop
         load = perm.counts.detach().float()
         mean = load.mean().clamp(min=1e-9)
         self.stats = {

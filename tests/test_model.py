@@ -94,7 +94,9 @@ def test_optimizer_groups_decay_matrices_only():
     model = GPT(tiny(use_moe=True, num_experts=4))
     groups = model.optimizer_groups(0.1)
     decay, no_decay = groups[0]["params"], groups[1]["params"]
-    assert all(p.dim() >= 2 for p in decay) and all(p.dim() < 2 for p in no_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 and "b_" not in names[id(p)] for p in decay)
+    assert {names[id(p)].split(".")[-1] for p in no_decay} == {"weight", "bias", "b_in", "b_out"}  # norms, biases
     n = sum(p.numel() for g in groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
