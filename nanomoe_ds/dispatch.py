@@ -19,6 +19,9 @@ class Permutation:
     counts: torch.Tensor  # [E] kept assignments per expert (int64)
     num_assignments: int  # tokens * k, including dropped ones
     dropped: int  # assignments over capacity, zeroed in the output
+    # [num_assignments] inverse of `order`: the row (in `order`) of each assignment,
+    # len(order) for a dropped one. Computed once here; `unpermute` derives it if absent.
+    inv: torch.Tensor | None = None
 
 
 def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int | None:
@@ -59,18 +62,94 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
         counts = counts_all.clamp(max=cap)
         dropped = T * k - order.numel()
     return Permutation(order=order, token_idx=order // k, counts=counts,
-                       num_assignments=T * k, dropped=int(dropped))
+                       num_assignments=T * k, dropped=int(dropped), inv=_inverse(order, T * k))
+
+
+def _inverse(order: torch.Tensor, num_assignments: int) -> torch.Tensor:
+    inv = torch.full((num_assignments,), order.numel(), dtype=torch.long, device=order.device)
+    return inv.index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+class _GatherRows(torch.autograd.Function):
+    """src[idx] where idx takes each row of src at most once.
+
+    A general gather's backward is a scatter-add (index_add_), which is slow and
+    serial on CPU; with no repeated rows it is a plain scatter (index_copy_).
+    """
+
+    @staticmethod
+    def forward(ctx, src, idx):
+        ctx.save_for_backward(idx)
+        ctx.num_rows = src.shape[0]
+        return src.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.num_rows, *grad.shape[1:]).index_copy_(0, idx, grad), None
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """src[idx] along dim 0 for an index without repeats (a permutation or part of one)."""
+    return _GatherRows.apply(src, idx)
 
 
 def unpermute(y: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor) -> torch.Tensor:
     """Weight each expert output by its gate and sum a token's k slots; dropped slots add zero.
 
-    Writing slots into a [T*k, d] buffer and summing over k (rather than an
-    index_add over tokens) keeps the result deterministic.
+    Each token sums its own k slots (rather than an index_add over tokens), which
+    keeps the result deterministic; products and sum are in at least fp32.
     """
     T, k = topk_weight.shape
-    buf = y.new_zeros(perm.num_assignments, y.shape[-1])
-    buf[perm.order] = y
-    acc = torch.promote_types(buf.dtype, torch.float32)  # sum the k slots in at least fp32
-    out = (buf.view(T, k, y.shape[-1]).to(acc) * topk_weight.unsqueeze(-1)).sum(1)
+    inv = perm.inv if perm.inv is not None else _inverse(perm.order, perm.num_assignments)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    if perm.dropped:  # dropped slots all read one appended zero row
+        rows = torch.cat([y, y.new_zeros(1, y.shape[-1])]).index_select(0, inv)
+        out = (rows.view(T, k, y.shape[-1]).to(acc) * topk_weight.unsqueeze(-1)).sum(1)
+    else:
+        out = _Combine.apply(y, topk_weight, inv, acc)
     return out.to(y.dtype)
+
+
+class _Combine(torch.autograd.Function):
+    """Dropless unpermute: out[t] = sum_j w[t, j] * y[inv[t*k + j]], a chunk of tokens at a time.
+
+    The same arithmetic as (y[inv].view(T, k, d).to(acc) * w[..., None]).sum(1) and
+    its autograd backward, without materialising [T*k, d] copies (gathered rows,
+    their fp32 cast, the weighted products): at 8k tokens x k=8 x d=384 each is
+    50-100 MB, which costs more to allocate and stream through memory than the math.
+    """
+
+    @staticmethod
+    def forward(ctx, y, w, inv, acc):
+        T, k = w.shape
+        out = y.new_empty(T, y.shape[-1], dtype=acc)
+        for t in _chunks(T, k * y.shape[-1]):
+            rows = _slot_rows(y, inv, t, k).to(acc)
+            torch.sum(rows * w[t].unsqueeze(-1), dim=1, out=out[t])
+        ctx.save_for_backward(y, w, inv)
+        ctx.acc = acc
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w, inv = ctx.saved_tensors
+        T, k = w.shape
+        grad_y = torch.empty_like(y)  # inv is a permutation: every row gets written once
+        grad_w = torch.empty_like(w)
+        for t in _chunks(T, k * y.shape[-1]):
+            g = grad[t].unsqueeze(1)  # [tokens, 1, d]
+            grad_w[t] = (g * _slot_rows(y, inv, t, k).to(ctx.acc)).sum(-1)
+            grad_y.index_copy_(0, inv[t.start * k:t.stop * k], (g * w[t].unsqueeze(-1)).to(y.dtype).flatten(0, 1))
+        return grad_y, grad_w, None, None
+
+
+def _slot_rows(y, inv, t: slice, k: int):
+    """[tokens in t, k, d]: the expert output row of each of their slots."""
+    return y.index_select(0, inv[t.start * k:t.stop * k]).view(t.stop - t.start, k, -1)
+
+
+def _chunks(n: int, row_size: int, elems: int = 1 << 21):
+    """Slices of range(n) of about `elems` elements each (a few MB: reused memory, cache-sized)."""
+    step = max(1, elems // max(row_size, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .dispatch import capacity, permute, unpermute
+from .dispatch import capacity, gather_rows, permute, unpermute
 
 
 class Router(nn.Module):
@@ -64,8 +64,8 @@ class GroupedExperts(nn.Module):
 
     Three kernels compute the same thing (tests hold them equal); `impl` picks one:
       - grouped_mm: one grouped GEMM over variable-size groups (fast on Hopper);
-      - bmm: pad every group to the largest count, then one batched matmul;
-      - loop: one matmul per expert over its contiguous rows.
+      - bmm: pad every group to the largest count, then batched matmuls;
+      - loop: one matmul per expert over its contiguous rows (fastest on CPU).
     """
 
     def __init__(self, num_experts: int, d: int, hidden: int, act: str = "gelu", bias: bool = True,
@@ -81,50 +81,86 @@ class GroupedExperts(nn.Module):
     def choose_impl(self, x: torch.Tensor) -> str:
         if self.impl != "auto":
             return self.impl
-        # Measured in docs/benchmarks.md: grouped GEMM wins on CUDA; on CPU the
-        # padded bmm is faster for few large experts and the loop for many small ones.
+        # Measured with launch/bench.py (docs/benchmarks.md). CUDA: one grouped GEMM.
+        # CPU: the loop, at every shape timed (E=8/k=2 and E=64/k=8, fp32 and bf16).
+        # Its per-expert matmuls run about as fast as one big one and it moves no
+        # data (split gives views); bmm pays a padded copy in and out plus the
+        # padding's FLOPs, and the CPU grouped GEMM is a slow fallback in bf16.
         if x.device.type == "cuda":
             return "grouped_mm"
-        return "bmm" if self.num_experts <= 16 else "loop"
+        return "loop"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, d] rows grouped by expert, counts: [E] rows per expert -> [N, d]."""
         if x.shape[0] == 0:
-            # A rank can receive no tokens under expert parallelism. Touch every
-            # weight anyway so each gets a (zero) gradient and optimizers stay in step.
-            return x.new_zeros(0, self.w_out.shape[-1]) + 0 * sum(p.sum() for p in self.parameters())
+            # A rank can receive no tokens under expert parallelism. Keep the input
+            # and every weight in the graph anyway: the backward all-to-all must run
+            # on every rank (or the others hang), and each weight gets a zero gradient.
+            touch = x.sum() + sum(p.sum() for p in self.parameters())
+            return x.new_zeros(0, self.w_out.shape[-1]) + 0 * touch
         impl = self.choose_impl(x)
         # Grouped GEMM is not on autocast's list, so pick the compute dtype once,
-        # explicitly, for every kernel: they then round identically.
+        # explicitly, for every kernel: they then round identically. (`.to` returns
+        # the tensor itself when it already has that dtype: no copy in fp32.)
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        params = [None if p is None else p.to(dt) for p in (self.w_in, self.w_gate, self.w_out, self.b_in, self.b_out)]
+        E, N = self.num_experts, x.shape[0]
+        if impl == "loop":
+            # One expert at a time on its contiguous rows. split gives views, so the
+            # only copies are each block's cast (small, still in cache for its matmul)
+            # and the final cat. unbind rather than w[e]: its backward is one stack,
+            # where E select-backwards would each write a full-size zero gradient.
+            sizes = counts.tolist()
+            per_expert = zip(*(p.unbind(0) if p is not None else [None] * E for p in params))
+            return torch.cat([self._mlp(xe.to(dt), *pe, linear=_linear)
+                              for xe, pe, n in zip(torch.split(x, sizes), per_expert, sizes) if n > 0])
         x = x.to(dt)
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)
-        h = self._matmul(impl, x, self.w_in.to(dt), counts, expert_of_row)
-        if self.b_in is not None:
-            h = h + self.b_in.to(dt)[expert_of_row]
+        if impl == "bmm":
+            # Pad once: expert e's rows go to block e of an [E, max_count, d] buffer,
+            # the whole MLP runs there (each block's bias is a broadcast add, no per-row
+            # copy) and the rows come back once at the end. Padding rows are zeros and
+            # their outputs are never read, so they add nothing to any gradient.
+            cap = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            shift = torch.arange(E, device=x.device) * cap - starts  # row i of expert e -> e*cap + (i - start_e)
+            slot = torch.arange(N, device=x.device) + torch.repeat_interleave(shift, counts, output_size=N)
+            padded = x.new_zeros(E * cap, x.shape[-1]).index_copy_(0, slot, x).view(E, cap, -1)
+            y = self._mlp(padded, *params, linear=_padded_linear)
+            return gather_rows(y.view(E * cap, -1), slot)
+        # grouped_mm: the rows stay put; one grouped GEMM per projection, bias rows gathered.
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
+
+        def grouped_linear(a, w, b):
+            y = torch._grouped_mm(a, w, offs=offs)
+            return y if b is None else y + b.index_select(0, expert_of_row)
+
+        return self._mlp(x, *params, linear=grouped_linear)
+
+    def _mlp(self, x, w_in, w_gate, w_out, b_in, b_out, *, linear):
+        """The expert MLP, written once for every kernel: `linear(x, w, b)` applies each row's expert."""
+        h = linear(x, w_in, b_in)
         if self.act == "swiglu":
-            h = F.silu(self._matmul(impl, x, self.w_gate.to(dt), counts, expert_of_row)) * h
+            h = F.silu(linear(x, w_gate, None)) * h
         else:
             h = F.gelu(h)
-        y = self._matmul(impl, h, self.w_out.to(dt), counts, expert_of_row)
-        if self.b_out is not None:
-            y = y + self.b_out.to(dt)[expert_of_row]
-        return y
+        return linear(h, w_out, b_out)
 
-    @staticmethod
-    def _matmul(impl: str, x, w, counts, expert_of_row) -> torch.Tensor:
-        if impl == "grouped_mm":
-            return torch._grouped_mm(x, w, offs=torch.cumsum(counts, 0).to(torch.int32))
-        sizes = counts.tolist()
-        if impl == "loop":
-            return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, sizes)) if sizes[e] > 0])
-        # bmm: scatter rows into an [E, max_count, d] buffer, multiply, gather back.
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-        padded = x.new_zeros(len(sizes), max(sizes), x.shape[-1])
-        padded[expert_of_row, slot] = x
-        return torch.bmm(padded, w)[expert_of_row, slot]
+
+# The bias is added after the matmul, not fused (addmm/baddbmm), so every kernel
+# rounds the product to the compute dtype before adding it, like the grouped GEMM,
+# which has no bias: the impls' outputs then agree bit for bit when their GEMMs do.
+def _linear(x, w, b):
+    """One expert's x @ w + b."""
+    y = x @ w
+    return y if b is None else y + b
+
+
+def _padded_linear(x, w, b):
+    """[E, cap, d_in] @ [E, d_in, d_out] + b[E, d_out], the bias broadcast over each block's rows."""
+    y = torch.bmm(x, w)
+    return y if b is None else y + b.unsqueeze(1)
 
 
 class MLP(nn.Module):

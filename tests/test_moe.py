@@ -658,8 +658,10 @@ def test_cuda_matches_cpu(impl):
 
 def test_auto_impl_choice_on_cpu():
     x = torch.zeros(3, D)
-    assert GroupedExperts(16, D, H, impl="auto").choose_impl(x) == "bmm"
-    assert GroupedExperts(17, D, H, impl="auto").choose_impl(x) == "loop"
+    # measured in docs/benchmarks.md: the per-expert loop wins on CPU at every timed shape
+    assert GroupedExperts(8, D, H, impl="auto").choose_impl(x) == "loop"
+    assert GroupedExperts(64, D, H, impl="auto").choose_impl(x) == "loop"
+    assert GroupedExperts(64, D, H, impl="auto").choose_impl(x.to("meta")) == "loop"
     assert GroupedExperts(17, D, H, impl="grouped_mm").choose_impl(x) == "grouped_mm"
 
 
