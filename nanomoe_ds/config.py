@@ -72,7 +72,7 @@ class TrainConfig:
     eval_iters: int = 200
     eval_only: bool = False
     always_save_checkpoint: bool = True
-    init_from: str = "scratch"  # scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    init_from: str = "scratch"  # scratch | resume | gpt2[-medium|-large|-xl] | a local HF GPT-2 dir
     log_moe_stats: bool = True
     # wandb
     wandb_log: bool = False
@@ -239,8 +239,9 @@ def validate_train(t: TrainConfig):
     _check(t.max_iters >= 0, f"max_iters must be >= 0, got {t.max_iters}")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
-    _check(t.init_from in ("scratch", "resume") or t.init_from.startswith("gpt2"),
-           f"unknown init_from '{t.init_from}'; choose scratch, resume or gpt2[-medium|-large|-xl]")
+    _check(t.init_from in ("scratch", "resume") or t.init_from.startswith("gpt2") or os.path.isdir(t.init_from),
+           f"unknown init_from '{t.init_from}'; choose scratch, resume, gpt2[-medium|-large|-xl] "
+           "or a local HuggingFace GPT-2 directory")
     _check(t.learning_rate > 0, f"learning_rate must be positive, got {t.learning_rate}")
     _check(not t.decay_lr or 0 <= t.min_lr <= t.learning_rate,
            f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) when decay_lr=True")

@@ -159,14 +159,16 @@ def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
     return out
 
 
-def build_model(m: GPTConfig, t: TrainConfig) -> tuple[GPT, dict | None]:
-    if t.init_from.startswith("gpt2"):
-        return GPT.from_pretrained(t.init_from, {"dropout": m.dropout}), None
+def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
+    if t.init_from not in ("scratch", "resume"):  # pretrained GPT-2: a hub name or a local directory
+        if m.use_moe:
+            raise ConfigError(f"init_from={t.init_from} loads a dense GPT-2; drop use_moe=True to fine-tune it")
+        return GPT.from_pretrained(t.init_from, {"dropout": m.dropout})
     meta = load_meta(resolve_data_dir(t.dataset, t.data_dir))
     if meta is not None and m.vocab_size == GPTConfig.vocab_size:
         m.vocab_size = meta["vocab_size"]  # nanoGPT: take the vocab from the prepared data
     torch.manual_seed(t.seed)
-    return GPT(m), meta
+    return GPT(m)
 
 
 def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
@@ -175,9 +177,12 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
     check_data(data_dir, m.block_size)
     if t.init_from == "resume" and engine_factory is None:  # the checkpoint's model shape wins, as in nanoGPT
         m = GPTConfig(**checkpoint.load(t.out_dir)["model_args"])
-    model, _ = build_model(m, t)
+    model = build_model(m, t)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
+    if int(os.environ.get("RANK", "0")) == 0:  # before experts are sharded: whole-model counts
+        print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, "
+              f"{model.get_num_params(active=True) / 1e6:.2f}M active per token", flush=True)
     if engine_factory is None:
         device, dtype = resolve_device(t)
         engine = LocalEngine(model, t, device, dtype)
@@ -201,8 +206,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
     log = MetricsLog(t.out_dir, master, wandb_run)
     tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * m.block_size
     if master:
-        print(f"tokens per iteration: {tokens_per_iter:,}; parameters: {model.get_num_params() / 1e6:.2f}M total, "
-              f"{model.get_num_params(active=True) / 1e6:.2f}M active", flush=True)
+        print(f"tokens per iteration: {tokens_per_iter:,}", flush=True)
     result: dict = {"train_losses": []}
     t0, running_mfu = time.time(), -1.0
     while True:

@@ -97,3 +97,15 @@ def test_cli_train_then_sample(char_data, tmp_path):
     assert len(samples) == 2
     r = cli("launch/sample.py", f"--out_dir={tmp_path / 'none'}", "--device=cpu")
     assert r.returncode == 2 and r.stderr.startswith("error: no checkpoint at")
+
+
+def test_finetune_from_local_gpt2(char_data, tmp_path):
+    """init_from=<local HF dir>: nanoGPT's fine-tuning path, offline, with a tiny GPT-2 built here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, n_positions=64)).save_pretrained(tmp_path / "hf")
+    res = run_tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "hf"), use_moe=False, max_iters=2, eval_interval=2)
+    assert len(res["train_losses"]) == 3
+    ck = __import__("torch").load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert ck["model_args"]["block_size"] == 32  # cropped from the pretrained 64
+    with pytest.raises(ConfigError, match="loads a dense GPT-2; drop use_moe=True"):
+        run_tiny(char_data, tmp_path / "out2", init_from=str(tmp_path / "hf"))

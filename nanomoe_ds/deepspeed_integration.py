@@ -1,0 +1,322 @@
+"""Everything DeepSpeed-specific: JSON reconciliation, making our MoE known to the engine, and the engine adapter.
+
+The model code stays plain PyTorch. DeepSpeed's engine treats a layer as MoE only
+if it is an instance of `deepspeed.moe.layer.MoE`; otherwise it would average
+expert gradients over all ranks, silently wrong. So `adopt_moe_` swaps each of our
+MoE instances to a runtime subclass of both classes, sets the attributes the
+engine reads, keeps the rank's slice of the experts and tags them as expert
+parameters. Facts verified on 0.19.8 are in ../shared/notes/deepspeed-moe-integration.md
+and docs/distributed.md.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, GPTConfig, TrainConfig
+from .expert_parallel import ExpertParallel, shard_experts_
+from .model import GPT
+from .moe import MoE
+
+EXPERT_PARAMS = ("w_in", "w_gate", "b_in", "w_out", "b_out")
+DS_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."  # the key pattern DeepSpeed's MoE checkpointing expects
+
+
+# ---------------------------------------------------------------- JSON config
+def load_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed_config: no such file '{path}'; see ds_configs/") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--deepspeed_config: '{path}' is not valid JSON ({e})") from None
+
+
+def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int) -> dict:
+    """Fill "auto" values from the preset/command line; refuse contradictions in one line.
+
+    The JSON owns precision, ZeRO, clipping, micro-batch and accumulation. The LR
+    schedule is nanoGPT's get_lr on both paths (so they match exactly); a
+    WarmupCosineLR block is checked against it and then driven by the trainer.
+    """
+    ds = copy.deepcopy(ds)
+    if t.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) must be divisible by "
+                          f"the number of ranks ({world_size})")
+    gas = t.gradient_accumulation_steps // world_size
+    want = {"train_micro_batch_size_per_gpu": (t.batch_size, "batch_size"),
+            "gradient_accumulation_steps": (gas, f"gradient_accumulation_steps/world_size ({t.gradient_accumulation_steps}/{world_size})"),
+            "train_batch_size": (t.batch_size * t.gradient_accumulation_steps, "batch_size*gradient_accumulation_steps"),
+            "gradient_clipping": (t.grad_clip, "grad_clip")}
+    for key, (value, ours) in want.items():
+        _fill(ds, key, value, ours)
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if opt.get("type", "").lower() not in ("adamw", "adam"):
+        raise ConfigError(f"optimizer type '{opt.get('type')}' is not supported; use AdamW")
+    params = opt.setdefault("params", {})
+    params.setdefault("torch_adam", True)  # no JIT-built C++ op
+    for key, value, ours in (("lr", t.learning_rate, "learning_rate"), ("betas", [t.beta1, t.beta2], "beta1/beta2"),
+                             ("weight_decay", t.weight_decay, "weight_decay")):
+        _fill(params, key, value, ours, where="optimizer.params.")
+    sched = ds.pop("scheduler", None)
+    if sched is not None:
+        if sched.get("type") != "WarmupCosineLR":
+            raise ConfigError(f"scheduler type '{sched.get('type')}' is not supported; use WarmupCosineLR "
+                              "(nanoGPT's warmup + cosine) or remove the block")
+        sp = sched.get("params", {})
+        for key, value, ours in (("total_num_steps", t.lr_decay_iters, "lr_decay_iters"),
+                                 ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
+                                 ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
+            _fill(sp, key, value, ours, where="scheduler.params.")
+    if ds.get("fp16", {}).get("enabled"):
+        from deepspeed.accelerator import get_accelerator
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError("fp16 is not supported on this device (CPU); use a bf16 config such as ds_configs/zero2.json")
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    if t.dtype not in ("auto", "bfloat16" if bf16 else ("float16" if ds.get("fp16", {}).get("enabled") else "float32")):
+        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON (bf16.enabled={bf16}); "
+                          "the JSON owns precision: leave dtype=auto")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if m.use_moe and stage == 3:
+        raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
+                          "(ds_configs/zero1.json, zero2.json)")
+    if m.use_moe and stage in (1, 2):
+        # DeepSpeed asserts these for MoE parameter groups.
+        ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
+    return ds
+
+
+def _fill(block: dict, key: str, value, ours: str, where: str = ""):
+    have = block.get(key, "auto")
+    if have == "auto":
+        block[key] = value
+    elif (list(have) if isinstance(have, (list, tuple)) else have) != value and not (
+            isinstance(have, (int, float)) and isinstance(value, (int, float)) and abs(have - value) <= 1e-12 * max(1, abs(value))):
+        raise ConfigError(f"DeepSpeed JSON {where}{key}={have} contradicts {ours}={value}; set one of them to match "
+                          f"(or use \"auto\" in the JSON)")
+
+
+# ---------------------------------------------------------------- MoE adoption
+def _set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
+    """Called by the engine during initialize; the groups already exist (adopt_moe_ made them)."""
+
+
+def _state_dict_post_hook(module, sd, prefix, local_metadata):
+    # DeepSpeed's per-expert checkpoint files need one key per local expert in its naming.
+    for n in EXPERT_PARAMS:
+        t = sd.pop(f"{prefix}experts.{n}", None)
+        if t is not None:
+            for i in range(t.shape[0]):
+                sd[f"{prefix}{DS_EXPERT_INFIX}{i}.{n}"] = t[i]
+
+
+def _load_state_dict_pre_hook(module, sd, prefix, *args):
+    for n in EXPERT_PARAMS:
+        pat = re.compile(re.escape(prefix + DS_EXPERT_INFIX) + r"(\d+)\." + n + "$")
+        found = sorted(((int(mt.group(1)), k) for k in list(sd) if (mt := pat.match(k))))
+        if found:
+            sd[f"{prefix}experts.{n}"] = torch.stack([sd.pop(k) for _, k in found])
+
+
+_SUBCLASSES: dict = {}
+
+
+def adopt_moe_(model: GPT, ep_size: int):
+    """Make every MoE layer an expert-parallel `deepspeed.moe.layer.MoE`, in place."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    ep_group = groups._get_expert_parallel_group(name)
+    ep_rank = dist.get_rank(group=ep_group)
+    for m in model.moe_layers():
+        cls = type(m)
+        if cls not in _SUBCLASSES:
+            _SUBCLASSES[cls] = type("DeepSpeed" + cls.__name__, (cls, DeepSpeedMoE),
+                                    {"set_deepspeed_parallelism": _set_deepspeed_parallelism})
+        m.__class__ = _SUBCLASSES[cls]
+        m.ep_size, m.num_local_experts = ep_size, m.num_experts // ep_size
+        m.expert_group_name, m.enable_expert_tensor_parallelism, m.use_residual = name, False, False
+        shard_experts_(m, ep_rank, ep_size)
+        for p in m.experts.parameters():
+            p.allreduce, p.group_name = False, name  # reduced over the expert-data-parallel group only
+        if ep_size > 1:
+            m.ep = ExpertParallel(ep_group, ep_size, m.num_experts)
+        m.register_state_dict_post_hook(_state_dict_post_hook)
+        m.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
+
+
+def full_state_dict(model: GPT) -> dict:
+    """The whole model in single-device naming, fp32, experts gathered over the EP group (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import groups
+    out = {}
+    for n, p in model.named_parameters(remove_duplicate=False):  # tied weights appear under both names
+        full = safe_get_full_fp32_param(p)
+        full = (p if full is None else full).detach().float().clone()
+        if getattr(p, "allreduce", True) is False and groups._get_expert_parallel_world_size(p.group_name) > 1:
+            g = groups._get_expert_parallel_group(p.group_name)
+            parts = [torch.empty_like(full) for _ in range(dist.get_world_size(g))]
+            dist.all_gather(parts, full, group=g)
+            full = torch.cat(parts)
+        out[n] = full
+    for n, b in model.named_buffers():
+        if n.endswith("score_bias"):
+            out[n] = b.detach().float().clone()
+    return out
+
+
+# ---------------------------------------------------------------- engine adapter
+class DeepSpeedEngine:
+    """The trainer's engine interface over a DeepSpeed engine."""
+
+    def __init__(self, engine, t: TrainConfig, clip_ourselves: bool):
+        self.engine, self.module, self.t = engine, engine.module, t
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = str(engine.device)
+        self.dtype = next(engine.module.parameters()).dtype
+        self.clip_ourselves = clip_ourselves
+
+    def forward(self, x, y):
+        return self.engine(x, y)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-steps in step(); it only updates on the boundary
+
+    def step(self, lr: float) -> float:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        norm = None
+        if self.clip_ourselves:
+            norm = clip_grad_norm_moe_(self.module, self.t.grad_clip)
+        self.engine.step()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def save(self, out_dir: str, state: dict):
+        from .checkpoint import rng_state, save
+        self.engine.save_checkpoint(out_dir, tag=f"iter_{state['iter_num']}", client_state=state)
+        torch.save(rng_state(), os.path.join(out_dir, f"iter_{state['iter_num']}", f"rng_rank{self.rank}.pt"))
+        full = full_state_dict(self.module)  # collective: every rank takes part
+        if self.rank == 0:  # a single-device checkpoint too, so launch/sample.py works on DeepSpeed runs
+            save(out_dir, {**state, "model": full})
+
+    def load(self, out_dir: str) -> dict:
+        from .checkpoint import set_rng_state
+        path, state = self.engine.load_checkpoint(out_dir)
+        if path is None:
+            raise ConfigError(f"no DeepSpeed checkpoint in {out_dir}; train first, or check --out_dir")
+        rng = os.path.join(os.path.dirname(path), f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):
+            set_rng_state(torch.load(rng, weights_only=False))
+        return state
+
+
+def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
+    """Clip by the true global norm when ZeRO-0 can't (upstream #8475).
+
+    After the boundary backward, dense grads are identical on every rank, expert
+    grads identical within the expert-data-parallel group. Each expert counts once
+    if its squared norm is summed over the expert-parallel group only.
+    """
+    from deepspeed.utils import groups
+    dense = torch.zeros((), dtype=torch.float64)
+    expert: dict = {}
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = p.grad.detach().double().square().sum()
+        if getattr(p, "allreduce", True) is False:
+            expert[p.group_name] = expert.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+        else:
+            dense += sq
+    for name in sorted(expert):
+        dist.all_reduce(expert[name], group=groups._get_expert_parallel_group(name))
+        dense += expert[name]
+    norm = dense.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm
+
+
+# ---------------------------------------------------------------- entry point
+def make_engine_factory(m: GPTConfig, t: TrainConfig):
+    """Init distributed, check the set-up, and return a factory that wraps the model in an engine."""
+    ds_cfg = load_ds_config(t.deepspeed_config)  # before any process-group work: fail fast
+    import deepspeed
+    # CPU runs: skip DeepSpeed's shared-memory op, a 20 s JIT build that training never uses.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed()
+    world = dist.get_world_size()
+    if m.use_moe:
+        if world % t.ep_size:
+            raise ConfigError(f"ep_size ({t.ep_size}) must divide the number of ranks ({world})")
+        if m.num_experts % t.ep_size:
+            raise ConfigError(f"num_experts ({m.num_experts}) must be divisible by ep_size ({t.ep_size})")
+    elif t.ep_size != 1:
+        raise ConfigError(f"ep_size={t.ep_size} needs use_moe=True")
+    ds_cfg = reconcile(ds_cfg, m, t, world)
+    clip_ourselves = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0 and m.use_moe
+    if clip_ourselves:
+        ds_cfg["gradient_clipping"] = 0.0  # ZeRO-0 computes the norm wrongly with experts (#8475)
+
+    def factory(model: GPT, _t: TrainConfig) -> DeepSpeedEngine:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        if m.use_moe:
+            adopt_moe_(model, t.ep_size)
+        groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(t.weight_decay))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+        return DeepSpeedEngine(engine, t, clip_ourselves)
+
+    return factory
+
+
+def main(m: GPTConfig, t: TrainConfig):
+    """Run a DeepSpeed training and end the process cleanly.
+
+    gloo can abort at interpreter shutdown after correct work (PyTorch #190489);
+    a barrier, destroy_process_group and os._exit avoid it.
+    """
+    from .trainer import train
+    code = 0
+    try:
+        train(m, t, make_engine_factory(m, t))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    if dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    if "mpi4py" in sys.modules:  # launched by mpirun: DeepSpeed discovered ranks through MPI
+        from mpi4py import MPI
+        MPI.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,51 @@
+"""Spawn real ranks on gloo over loopback, the way DeepSpeed's launcher does.
+
+Each rank is a separate `python launch/train.py ...` process with the launcher's
+environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). Traffic stays on
+127.0.0.1: GLOO_SOCKET_IFNAME=lo, and MASTER_ADDR is set so MPI discovery is never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_env(**extra) -> dict:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu",
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_ranks(n: int, argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Run launch/train.py on n ranks; a rank that does not finish in `timeout` s fails the test as a hang."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *argv], cwd=REPO,
+                              env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=n, MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"rank hung for {timeout}s: {argv}")
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def train_rows(out_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, open(Path(out_dir) / "metrics.jsonl")) if "loss" in r]

@@ -1,0 +1,182 @@
+"""DeepSpeed path on real gloo ranks: equivalence with one device, bf16, clipping, checkpoints, refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_args
+from dist_utils import loopback_env, run_ranks, train_rows, free_port
+
+from nanomoe_ds.config import from_argv
+from nanomoe_ds.trainer import train
+
+# A tiny MoE GPT whose clipping threshold (0.5) sits below its gradient norm (~1.5):
+# every step below is clipped, so a wrong global norm would show in the weights.
+COMMON = dict(max_iters=4, eval_interval=4, grad_clip=0.5, num_experts=4, num_experts_per_tok=2)
+
+
+def ds_json(tmp_path, name="zero2", bf16=False, **top) -> str:
+    cfg = json.load(open(REPO / "ds_configs" / f"{name}.json"))
+    cfg["bf16"] = {"enabled": bf16}
+    cfg.update(top)
+    path = tmp_path / f"{name}_{'bf16' if bf16 else 'fp32'}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def run_ds(ranks, tmp_path, char_data, out, json_path, **over):
+    res = run_ranks(ranks, ["--deepspeed_config", json_path, *tiny_args(char_data, tmp_path / out, **{**COMMON, **over})])
+    for r in res:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return train_rows(tmp_path / out), torch.load(tmp_path / out / "ckpt.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(char_data, tmp_path_factory):
+    """The one-device reference run, fp32."""
+    out = tmp_path_factory.mktemp("single")
+    m, t = from_argv(tiny_args(char_data, out, **COMMON))
+    train(m, t)
+    return train_rows(out), torch.load(out / "ckpt.pt", weights_only=False)
+
+
+def assert_same_run(a, b, rel, weight_atol):
+    (rows_a, ck_a), (rows_b, ck_b) = a, b
+    assert [r["iter"] for r in rows_a] == [r["iter"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=rel)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=rel)
+        assert ra["grad_norm"] > COMMON["grad_clip"]  # clipping really was active
+    sd_a, sd_b = ck_a["model"], ck_b["model"]
+    for k, v in sd_a.items():
+        if k.endswith("experts.w_in") or k.endswith("experts.w_out"):
+            assert v.shape[0] == COMMON["num_experts"]  # every expert, gathered from every rank
+        torch.testing.assert_close(sd_b[k].float(), v.float(), rtol=0, atol=weight_atol, msg=k)
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero2"])
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_fp32_two_ranks_match_one_device(single, char_data, tmp_path, stage, ep_size):
+    dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, stage), ep_size=ep_size)
+    assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2_offload"])
+def test_other_stages_ep2_match_one_device(single, char_data, tmp_path, stage):
+    dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, stage), ep_size=2)
+    assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
+
+
+def test_capacity_limited_exchange_ep2(char_data, tmp_path):
+    """With capacity_factor > 0 tokens are dropped before the exchange; EP=2 still matches one device."""
+    over = dict(capacity_factor=0.8, gate="sigmoid", num_shared_experts=1, expert_act="swiglu")
+    m, t = from_argv(tiny_args(char_data, tmp_path / "one", **{**COMMON, **over}))
+    train(m, t)
+    one = train_rows(tmp_path / "one"), torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    assert one[0][0]["moe"][0]["drop_frac"] > 0.05
+    dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, **over)
+    assert_same_run(one, dist, rel=1e-5, weight_atol=1e-5)
+
+
+def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path):
+    """`deepspeed --num_gpus 1 ...`: one rank, the engine path, same numbers as plain PyTorch."""
+    dist = run_ds(1, tmp_path, char_data, "one", ds_json(tmp_path, "zero2"))
+    assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
+
+
+def test_bf16_ep2_within_bf16_tolerance(single, char_data, tmp_path):
+    dist = run_ds(2, tmp_path, char_data, "bf16", ds_json(tmp_path, "zero2", bf16=True), ep_size=2)
+    (rows_s, _), (rows_d, ck) = single, dist
+    for rs, rd in zip(rows_s, rows_d):
+        assert rd["loss"] == pytest.approx(rs["loss"], rel=2e-2)
+        assert rd["grad_norm"] == pytest.approx(rs["grad_norm"], rel=5e-2)
+    ep1 = run_ds(2, tmp_path, char_data, "bf16_ep1", ds_json(tmp_path, "zero2", bf16=True), ep_size=1)
+    for r1, r2 in zip(ep1[0], rows_d):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-2)
+
+
+def test_checkpoint_round_trip_ep2_zero2(char_data, tmp_path):
+    cfg = ds_json(tmp_path, "zero2")
+    over = dict(max_iters=6, eval_interval=3, ep_size=2)
+    full, _ = run_ds(2, tmp_path, char_data, "full", cfg, **over)
+    run_ds(2, tmp_path, char_data, "part", cfg, **{**over, "max_iters": 3})
+    files = sorted(p.name for p in (tmp_path / "part" / "iter_3").iterdir())
+    experts = [f for f in files if f.startswith("layer_")]
+    assert len(experts) == 2 * COMMON["num_experts"]  # 2 MoE layers x 4 experts: both ranks' experts saved
+    resumed, ck = run_ds(2, tmp_path, char_data, "part", cfg, **{**over, "init_from": "resume"})
+    # metrics.jsonl of "part" now holds iters 0-3 then the resumed 3-6
+    tail = [r for r in resumed if r["iter"] >= 3][-4:]
+    assert [r["iter"] for r in tail] == [3, 4, 5, 6]
+    for a, b in zip(tail, full[3:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert ck["iter_num"] == 6
+    # launch/sample.py runs on the consolidated checkpoint of a DeepSpeed run
+    r = subprocess.run([sys.executable, "launch/sample.py", f"--out_dir={tmp_path / 'part'}", "--device=cpu",
+                        "--num_samples=1", "--max_new_tokens=10"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def one_rank(argv, tmp_path):
+    return run_ranks(1, argv)[0]
+
+
+@pytest.mark.parametrize("json_edit, over, msg", [
+    ({"train_micro_batch_size_per_gpu": 8}, {}, "error: DeepSpeed JSON train_micro_batch_size_per_gpu=8 contradicts batch_size=4"),
+    ({"gradient_clipping": 2.0}, {}, "error: DeepSpeed JSON gradient_clipping=2.0 contradicts grad_clip=1.0"),
+    ({"zero_optimization": {"stage": 3}}, {}, "error: ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2"),
+    ({"fp16": {"enabled": True}}, {}, "error: fp16 is not supported on this device (CPU)"),
+    ({}, {"ep_size": 2}, "error: ep_size (2) must divide the number of ranks (1)"),
+    ({}, {"num_experts": 3, "num_experts_per_tok": 1, "ep_size": 1, "gradient_accumulation_steps": 3},
+     None),  # control: a valid odd set-up runs
+])
+def test_refusals_one_rank(char_data, tmp_path, json_edit, over, msg):
+    cfg = json.load(open(REPO / "ds_configs/zero2.json"))
+    cfg.update(json_edit)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    r = one_rank(["--deepspeed_config", str(path), *tiny_args(char_data, tmp_path / "o", **{"max_iters": 1, **over})],
+                 tmp_path)
+    if msg is None:
+        assert r.returncode == 0, r.stderr[-2000:]
+        return
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(msg), r.stderr[-2000:]
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_num_experts_not_divisible_by_ep_size(char_data, tmp_path):
+    res = run_ranks(2, ["--deepspeed_config", str(REPO / "ds_configs/zero2.json"),
+                        *tiny_args(char_data, tmp_path, num_experts=3, num_experts_per_tok=1, ep_size=2)])
+    for r in res:
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1] == "error: num_experts (3) must be divisible by ep_size (2)"
+
+
+@pytest.mark.parametrize("path, msg", [
+    ("nope.json", "error: --deepspeed_config: no such file 'nope.json'; see ds_configs/"),
+    ("BAD", "error: --deepspeed_config: '"),
+])
+def test_missing_or_invalid_json(char_data, tmp_path, path, msg):
+    if path == "BAD":
+        path = tmp_path / "bad.json"
+        path.write_text("{ not json")
+    r = subprocess.run([sys.executable, "launch/train.py", "--deepspeed_config", str(path),
+                        *tiny_args(char_data, tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       env=loopback_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_PORT=free_port()))
+    assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_deepspeed_launcher_two_ranks(char_data, tmp_path):
+    """The README's command: `deepspeed --num_gpus 2 launch/train.py --deepspeed_config ...`."""
+    r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                        "--deepspeed_config", "ds_configs/zero2.json", "launch/config/train_shakespeare_char_moe.py",
+                        *tiny_args(char_data, tmp_path, max_iters=2, eval_interval=2), "--ep_size=2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=loopback_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = train_rows(tmp_path)
+    assert [row["iter"] for row in rows] == [0, 1, 2]
+    assert (tmp_path / "iter_2" / "layer_0_expert_3_mp_rank_00_model_states.pt").exists()
