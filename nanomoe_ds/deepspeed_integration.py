@@ -294,11 +294,7 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
 
 
 def main(m: GPTConfig, t: TrainConfig):
-    """Run a DeepSpeed training and end the process cleanly.
-
-    gloo can abort at interpreter shutdown after correct work (PyTorch #190489);
-    a barrier, destroy_process_group and os._exit avoid it.
-    """
+    """Run a DeepSpeed training and end the process cleanly (see `shutdown`)."""
     from .trainer import train
     code = 0
     try:
@@ -310,6 +306,11 @@ def main(m: GPTConfig, t: TrainConfig):
         import traceback
         traceback.print_exc()
         code = 1
+    shutdown(code)
+
+
+def shutdown(code: int):
+    """End a distributed process without gloo's abort at interpreter exit (PyTorch #190489)."""
     if dist.is_initialized():
         if code == 0:
             dist.barrier()
