@@ -123,7 +123,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w, inv, acc):
         T, k = w.shape
-        out = y.new_empty(T, y.shape[-1], dtype=acc)
+        out = y.new_empty(T, y.shape[-1], dtype=torch.promote_types(acc, w.dtype))
         for t in _chunks(T, k * y.shape[-1]):
             rows = _slot_rows(y, inv, t, k).to(acc)
             torch.sum(rows * w[t].unsqueeze(-1), dim=1, out=out[t])
@@ -140,7 +140,8 @@ class _Combine(torch.autograd.Function):
         for t in _chunks(T, k * y.shape[-1]):
             g = grad[t].unsqueeze(1)  # [tokens, 1, d]
             grad_w[t] = (g * _slot_rows(y, inv, t, k).to(ctx.acc)).sum(-1)
-            grad_y.index_copy_(0, inv[t.start * k:t.stop * k], (g * w[t].unsqueeze(-1)).to(y.dtype).flatten(0, 1))
+            grad_rows = (g * w[t].unsqueeze(-1)).to(ctx.acc).to(y.dtype)  # autograd's two casts, in order
+            grad_y.index_copy_(0, inv[t.start * k:t.stop * k], grad_rows.flatten(0, 1))
         return grad_y, grad_w, None, None
 
 
