@@ -16,32 +16,16 @@ import sys
 
 import numpy as np
 
+# data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prepare_common import die, first_line, gpt2_encoding, read_text  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def die(msg):
-    # one line on stderr and a non-zero exit: a traceback would bury the fix
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def first_line(e):
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def read_documents(path, split_on="paragraph"):
     """Local text -> list of documents, split on blank lines or on every line."""
-    if not os.path.exists(path):
-        die(f"input file not found: {path}")
-    if not os.path.isfile(path):
-        die(f"input path is not a file: {path}")
-    if os.path.getsize(path) == 0:
-        die(f"input file is empty: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"could not read {path} as UTF-8 text ({first_line(e)})")
+    text = read_text(path)
     if split_on == "line":
         docs = text.splitlines()
     else:
@@ -65,12 +49,7 @@ def load_hub(name, num_proc):
 
 
 def gpt2_tokenizer():
-    import tiktoken
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        die(f"could not load tiktoken's gpt2 encoding ({first_line(e)}); it downloads its BPE file once, "
-            "so run online or pre-fill TIKTOKEN_CACHE_DIR")
+    enc = gpt2_encoding()
     return enc.encode_ordinary, enc.eot_token
 
 

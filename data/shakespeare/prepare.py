@@ -10,64 +10,22 @@ fits in uint16, and no meta.pkl is written, so train/sample fall back to GPT-2.
 `prepare(text, out_dir, encode=...)` takes any str -> list[int] tokenizer, so
 tests can run offline (tiktoken fetches the GPT-2 BPE file on first use).
 """
-import argparse
 import os
 import sys
-import urllib.request
 
 import numpy as np
+
+# data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prepare_common import die, download, gpt2_encoding, input_path, parse_input_args, read_text  # noqa: E402,F401 (download: tests call it)
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def die(msg):
-    # one line on stderr and a non-zero exit: a traceback would bury the fix
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def first_line(e):
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def download(url, path):
-    # fetch into a temp name first so a failed download never leaves a
-    # truncated input.txt that a later run would silently reuse
-    tmp = path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, path)
-    except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        die(f"could not download {url} ({first_line(e)}); pass --input PATH to use a local copy")
-
-
-def read_text(path):
-    if not os.path.exists(path):
-        die(f"input file not found: {path}")
-    if not os.path.isfile(path):
-        die(f"input path is not a file: {path}")
-    if os.path.getsize(path) == 0:
-        die(f"input file is empty: {path}")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"could not read {path} as UTF-8 text ({first_line(e)})")
-
-
 def gpt2_encode():
-    import tiktoken
-    try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        die(f"could not load tiktoken's gpt2 encoding ({first_line(e)}); it downloads its BPE file once, "
-            "so run online or pre-fill TIKTOKEN_CACHE_DIR")
     # encode_ordinary: plain text must never turn into special tokens
-    return enc.encode_ordinary
+    return gpt2_encoding().encode_ordinary
 
 
 def prepare(text, out_dir, encode=None):
@@ -98,20 +56,9 @@ def prepare(text, out_dir, encode=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", metavar="PATH",
-                   help="local copy of input.txt (default: download it next to this script)")
-    p.add_argument("--out_dir", default=HERE,
-                   help="where train.bin and val.bin go (default: this script's folder)")
-    args = p.parse_args(argv)
-
-    if args.input is None:
-        path = os.path.join(HERE, "input.txt")
-        if not os.path.exists(path):
-            download(DATA_URL, path)
-    else:
-        path = args.input
-    prepare(read_text(path), args.out_dir)
+    # --input PATH (default: download input.txt next to this script), --out_dir DIR
+    args = parse_input_args(argv, __doc__.splitlines()[0], HERE, "train.bin and val.bin")
+    prepare(read_text(input_path(args.input, HERE, DATA_URL)), args.out_dir)
 
 
 if __name__ == "__main__":
