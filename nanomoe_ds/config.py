@@ -10,12 +10,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import json
 import math
 import os
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -254,6 +253,3 @@ def validate_train(t: TrainConfig):
 def to_dict(model: GPTConfig, train: TrainConfig) -> dict:
     return {**dataclasses.asdict(model), **dataclasses.asdict(train)}
 
-
-def describe(model: GPTConfig, train: TrainConfig) -> str:
-    return json.dumps(to_dict(model, train), sort_keys=True)

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from .config import ConfigError, GPTConfig, TrainConfig
 from .expert_parallel import ExpertParallel, shard_experts_
 from .model import GPT
-from .moe import MoE
 
 EXPERT_PARAMS = ("w_in", "w_gate", "b_in", "w_out", "b_out")
 DS_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."  # the key pattern DeepSpeed's MoE checkpointing expects
@@ -206,10 +205,11 @@ class DeepSpeedEngine:
             norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over all ranks; goes through the engine's device, as NCCL only takes GPU tensors."""
+        x = t.to(self.engine.device, copy=True)
+        dist.all_reduce(x)
+        return x.to(t.device)
 
     def save(self, out_dir: str, state: dict):
         from .checkpoint import rng_state, save
@@ -238,7 +238,8 @@ def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
     if its squared norm is summed over the expert-parallel group only.
     """
     from deepspeed.utils import groups
-    dense = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device  # NCCL reduces GPU tensors only
+    dense = torch.zeros((), dtype=torch.float64, device=device)
     expert: dict = {}
     grads = []
     for p in model.parameters():
@@ -247,7 +248,7 @@ def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
         grads.append(p.grad)
         sq = p.grad.detach().double().square().sum()
         if getattr(p, "allreduce", True) is False:
-            expert[p.group_name] = expert.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+            expert[p.group_name] = expert.get(p.group_name, torch.zeros_like(dense)) + sq
         else:
             dense += sq
     for name in sorted(expert):

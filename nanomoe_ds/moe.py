@@ -220,7 +220,7 @@ class MoE(nn.Module):
 
     def _record(self, topk_idx, logits, probs, perm):
         """Aux terms for the loss, plus detached routing statistics for logging."""
-        E, k = self.num_experts, self.k
+        E = self.num_experts
         chosen = torch.bincount(topk_idx.reshape(-1), minlength=E)
         if self.training:
             # Switch aux loss, normalised by k so a perfectly balanced layer scores

@@ -85,7 +85,7 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def save(self, out_dir: str, state: dict):
@@ -225,19 +225,20 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
                         print(f"saving checkpoint to {t.out_dir}", flush=True)
         if t.eval_only or iter_num > t.max_iters:
             break
-        parts = torch.zeros(4, dtype=torch.float64)  # loss, ce, aux, z summed over this rank's micro-batches
+        parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
         for micro in my_micro:
             x, y = batches.get("train", iter_num, micro)
             _, loss = engine.forward(x, y)
             engine.backward(loss)
             ll = model.last_losses
-            parts += torch.tensor([loss.item(), float(ll["ce"]), float(ll.get("aux_loss", 0.0)),
-                                   float(ll.get("z_loss", 0.0))], dtype=torch.float64)
+            zero = torch.zeros((), device=loss.device)
+            parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
+                                      ll.get("z_loss", zero).float()]))
         grad_norm = engine.step(lr)
         if model.config.bias_update_rate > 0:
             for layer in model.moe_layers():
                 layer.update_bias(model.config.bias_update_rate, engine.all_reduce(layer.load.clone()))
-        parts = engine.all_reduce(parts) / t.gradient_accumulation_steps
+        parts = engine.all_reduce(torch.stack(parts).double().sum(0).cpu()) / t.gradient_accumulation_steps
         result["train_losses"].append(float(parts[0]))
         t1 = time.time()
         dt, t0 = t1 - t0, t1
