@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -75,13 +76,14 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int) -> dict:
                                  ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
                                  ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
             _fill(sp, key, value, ours, where="scheduler.params.")
-    if ds.get("fp16", {}).get("enabled"):
+    bf16, fp16 = ds.get("bf16", {}).get("enabled", False), ds.get("fp16", {}).get("enabled", False)
+    if fp16:
         from deepspeed.accelerator import get_accelerator
         if not get_accelerator().is_fp16_supported():
             raise ConfigError("fp16 is not supported on this device (CPU); use a bf16 config such as ds_configs/zero2.json")
-    bf16 = ds.get("bf16", {}).get("enabled", False)
-    if t.dtype not in ("auto", "bfloat16" if bf16 else ("float16" if ds.get("fp16", {}).get("enabled") else "float32")):
-        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON (bf16.enabled={bf16}); "
+    json_dtype = "bfloat16" if bf16 else "float16" if fp16 else "float32"
+    if t.dtype not in ("auto", json_dtype):
+        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON ({json_dtype}); "
                           "the JSON owns precision: leave dtype=auto")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if m.use_moe and stage == 3:
@@ -97,10 +99,18 @@ def _fill(block: dict, key: str, value, ours: str, where: str = ""):
     have = block.get(key, "auto")
     if have == "auto":
         block[key] = value
-    elif (list(have) if isinstance(have, (list, tuple)) else have) != value and not (
-            isinstance(have, (int, float)) and isinstance(value, (int, float)) and abs(have - value) <= 1e-12 * max(1, abs(value))):
+    elif not _same(have, value):
         raise ConfigError(f"DeepSpeed JSON {where}{key}={have} contradicts {ours}={value}; set one of them to match "
                           f"(or use \"auto\" in the JSON)")
+
+
+def _same(a, b) -> bool:
+    """JSON vs config value: lists compare as lists, numbers up to float rounding (min_lr/lr)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+    return a == b
 
 
 # ---------------------------------------------------------------- MoE adoption
@@ -183,7 +193,6 @@ class DeepSpeedEngine:
         self.engine, self.module, self.t = engine, engine.module, t
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = str(engine.device)
-        self.dtype = next(engine.module.parameters()).dtype
         self.clip_ourselves = clip_ourselves
 
     def forward(self, x, y):
@@ -219,7 +228,8 @@ class DeepSpeedEngine:
         if self.rank == 0:  # a single-device checkpoint too, so launch/sample.py works on DeepSpeed runs
             save(out_dir, {**state, "model": full})
 
-    def load(self, out_dir: str) -> dict:
+    def load(self, out_dir: str, ckpt: dict | None = None) -> dict:
+        """Load out_dir/latest; `ckpt` is unused (DeepSpeed reads its own files on every rank)."""
         from .checkpoint import set_rng_state
         path, state = self.engine.load_checkpoint(out_dir)
         if path is None:

@@ -20,8 +20,8 @@ class Permutation:
     num_assignments: int  # tokens * k, including dropped ones
     dropped: int  # assignments over capacity, zeroed in the output
     # [num_assignments] inverse of `order`: the row (in `order`) of each assignment,
-    # len(order) for a dropped one. Computed once here; `unpermute` derives it if absent.
-    inv: torch.Tensor | None = None
+    # len(order) for a dropped one.
+    inv: torch.Tensor
 
 
 def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int | None:
@@ -101,13 +101,12 @@ def unpermute(y: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor) -> 
     keeps the result deterministic; products and sum are in at least fp32.
     """
     T, k = topk_weight.shape
-    inv = perm.inv if perm.inv is not None else _inverse(perm.order, perm.num_assignments)
     acc = torch.promote_types(y.dtype, torch.float32)
     if perm.dropped:  # dropped slots all read one appended zero row
-        rows = torch.cat([y, y.new_zeros(1, y.shape[-1])]).index_select(0, inv)
+        rows = torch.cat([y, y.new_zeros(1, y.shape[-1])]).index_select(0, perm.inv)
         out = (rows.view(T, k, y.shape[-1]).to(acc) * topk_weight.unsqueeze(-1)).sum(1)
     else:
-        out = _Combine.apply(y, topk_weight, inv, acc)
+        out = _Combine.apply(y, topk_weight, perm.inv, acc)
     return out.to(y.dtype)
 
 

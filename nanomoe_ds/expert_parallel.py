@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from .dispatch import gather_rows
 from .moe import MoE
 
 
@@ -39,7 +40,7 @@ class ExpertParallel:
                                            out_splits, in_splits, group=self.group)
         local_expert = torch.repeat_interleave(torch.arange(L, device=xs.device).repeat(P), recv.reshape(-1))
         by_expert = torch.argsort(local_expert, stable=True)  # (source, expert) -> (expert, source)
-        y_local = experts(x_recv[by_expert], recv.sum(0))
+        y_local = experts(gather_rows(x_recv, by_expert), recv.sum(0))
         y_recv = torch.empty_like(y_local).index_copy(0, by_expert, y_local)
         return dist_fn.all_to_all_single(y_recv.new_empty(xs.shape[0], y_recv.shape[-1]), y_recv,
                                          in_splits, out_splits, group=self.group)

@@ -191,7 +191,7 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.ep = None  # an exchange (expert_parallel.py) when experts are sharded over ranks
         self.aux_loss = self.z_loss = None  # set by each training forward
-        self.stats: dict = {}
+        self._last_routing = None  # (tokens per expert, drop fraction) of the last forward
         # Token counts per expert since the last bias update (aux-loss-free balancing).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
 
@@ -219,7 +219,7 @@ class MoE(nn.Module):
         return self.dropout(out.view(B, T, C))
 
     def _record(self, topk_idx, logits, probs, perm):
-        """Aux terms for the loss, plus detached routing statistics for logging."""
+        """Aux terms for the loss, and what the routing statistics are derived from."""
         E = self.num_experts
         chosen = torch.bincount(topk_idx.reshape(-1), minlength=E)
         if self.training:
@@ -231,15 +231,17 @@ class MoE(nn.Module):
             self.aux_loss = E * torch.sum(f * probs.mean(0))
             self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
             self.load += chosen  # what the router chose, before any capacity drop
-        load = perm.counts.detach().float()
+        self._last_routing = (perm.counts.detach(), perm.dropped / max(perm.num_assignments, 1))
+
+    @property
+    def stats(self) -> dict:
+        """Routing statistics of the last forward, derived only when someone logs them."""
+        counts, drop_frac = self._last_routing
+        load = counts.float()
         mean = load.mean().clamp(min=1e-9)
-        self.stats = {
-            "tokens_per_expert": perm.counts.detach(),
-            "load_cv": (load.std(unbiased=False) / mean),
-            "load_max_over_mean": load.max() / mean,
-            "dead_experts": (perm.counts == 0).sum(),
-            "drop_frac": perm.dropped / max(perm.num_assignments, 1),
-        }
+        return {"tokens_per_expert": counts, "load_cv": load.std(unbiased=False) / mean,
+                "load_max_over_mean": load.max() / mean, "dead_experts": (counts == 0).sum(),
+                "drop_frac": drop_frac}
 
     @torch.no_grad()
     def update_bias(self, rate: float, load: torch.Tensor | None = None):

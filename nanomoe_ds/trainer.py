@@ -93,9 +93,10 @@ class LocalEngine:
                                   "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                                   "rng": checkpoint.rng_state()})
 
-    def load(self, out_dir: str) -> dict:
-        ckpt = checkpoint.load(out_dir, map_location=next(self.module.parameters()).device)
-        self.module.load_state_dict(ckpt["model"])
+    def load(self, out_dir: str, ckpt: dict | None = None) -> dict:
+        """Restore from `ckpt` (already read by the caller) or from out_dir/ckpt.pt."""
+        ckpt = ckpt if ckpt is not None else checkpoint.load(out_dir)
+        self.module.load_state_dict(ckpt["model"])  # copies into the parameters, on their device
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
@@ -175,8 +176,10 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
     """Run the loop; return the last eval and train numbers (handy for tests)."""
     data_dir = resolve_data_dir(t.dataset, t.data_dir)
     check_data(data_dir, m.block_size)
+    ckpt = None
     if t.init_from == "resume" and engine_factory is None:  # the checkpoint's model shape wins, as in nanoGPT
-        m = GPTConfig(**checkpoint.load(t.out_dir)["model_args"])
+        ckpt = checkpoint.load(t.out_dir)
+        m = GPTConfig(**ckpt["model_args"])
     model = build_model(m, t)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
@@ -192,12 +195,9 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
     master = engine.rank == 0
     iter_num, best_val = 0, 1e9
     if t.init_from == "resume":
-        ckpt = engine.load(t.out_dir)
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        state = engine.load(t.out_dir, ckpt)
+        iter_num, best_val = state["iter_num"], state["best_val_loss"]
     batches = Batches(data_dir, m.block_size, t.batch_size, device, t.seed)
-    if t.gradient_accumulation_steps % engine.world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) must be divisible "
-                          f"by the number of ranks ({engine.world_size})")
     my_micro = shard(t.gradient_accumulation_steps, engine.rank, engine.world_size)
     wandb_run = None
     if t.wandb_log and master:
@@ -235,9 +235,11 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
             parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
                                       ll.get("z_loss", zero).float()]))
         grad_norm = engine.step(lr)
-        if model.config.bias_update_rate > 0:
-            for layer in model.moe_layers():
-                layer.update_bias(model.config.bias_update_rate, engine.all_reduce(layer.load.clone()))
+        if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
+            layers = model.moe_layers()
+            loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
+            for layer, load in zip(layers, loads):
+                layer.update_bias(model.config.bias_update_rate, load)
         parts = engine.all_reduce(torch.stack(parts).double().sum(0).cpu()) / t.gradient_accumulation_steps
         result["train_losses"].append(float(parts[0]))
         t1 = time.time()
