@@ -4,6 +4,7 @@ Every failure is one `error: ...` line on stderr and exit status 2: a
 traceback would bury the fix (a missing file, no network, a bad option).
 """
 import argparse
+import hashlib
 import os
 import sys
 import urllib.request
@@ -19,18 +20,28 @@ def first_line(e):
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def download(url, path):
-    # fetch into a temp name first so a failed download never leaves a
-    # truncated input.txt that a later run would silently reuse
+# Tiny Shakespeare, the input of data/shakespeare and data/shakespeare_char. Its
+# checksum catches a truncated download, or an error page saved as text.
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def download(url, path, sha256=None):
+    # fetch into a temp name first so a failed or corrupt download never leaves
+    # an input.txt that a later run would silently reuse
     tmp = path + ".part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        os.replace(tmp, path)
+        with urllib.request.urlopen(url, timeout=60) as r:
+            data = r.read()
     except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         die(f"could not download {url} ({first_line(e)}); pass --input PATH to use a local copy")
+    got = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and got != sha256:
+        die(f"the file downloaded from {url} is not the expected one ({len(data):,} bytes, SHA-256 {got[:16]}..., "
+            f"want {sha256[:16]}...); pass --input PATH to use a local copy")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def read_text(path):
@@ -58,14 +69,23 @@ def parse_input_args(argv, description, here, outputs):
     return p.parse_args(argv)
 
 
-def input_path(arg, here, url):
-    """--input if given, else input.txt next to the script, downloaded once from url."""
+def input_path(arg, here, url, sha256=None):
+    """--input if given, else input.txt next to the script, downloaded once from url (and checked)."""
     if arg is not None:
         return arg
     path = os.path.join(here, "input.txt")
     if not os.path.exists(path):
-        download(url, path)
+        download(url, path, sha256)
     return path
+
+
+def tinyshakespeare_path(arg, here):
+    """--input if given, else Tiny Shakespeare downloaded next to the script and checksummed.
+
+    $TINYSHAKESPEARE_URL replaces the download address (a mirror, or a file:// URL).
+    """
+    url = os.environ.get("TINYSHAKESPEARE_URL") or TINYSHAKESPEARE_URL
+    return input_path(arg, here, url, TINYSHAKESPEARE_SHA256)
 
 
 def gpt2_encoding():

@@ -5,8 +5,7 @@ if it is an instance of `deepspeed.moe.layer.MoE`; otherwise it would average
 expert gradients over all ranks, silently wrong. So `adopt_moe_` swaps each of our
 MoE instances to a runtime subclass of both classes, sets the attributes the
 engine reads, keeps the rank's slice of the experts and tags them as expert
-parameters. Facts verified on 0.19.8 are in ../shared/notes/deepspeed-moe-integration.md
-and docs/distributed.md.
+parameters. The README's "Distributed training" section says what this means for users.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from . import precision
 from .config import ConfigError, GPTConfig, TrainConfig
 from .expert_parallel import ExpertParallel, shard_experts_
 from .model import GPT
@@ -40,12 +40,15 @@ def load_ds_config(path: str) -> dict:
         raise ConfigError(f"--deepspeed_config: '{path}' is not valid JSON ({e})") from None
 
 
-def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int) -> dict:
+def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_kind: str,
+              support: precision.Support) -> dict:
     """Fill "auto" values from the preset/command line; refuse contradictions in one line.
 
     The JSON owns precision, ZeRO, clipping, micro-batch and accumulation. The LR
     schedule is nanoGPT's get_lr on both paths (so they match exactly); a
     WarmupCosineLR block is checked against it and then driven by the trainer.
+    `device_kind` and `support` say what the ranks' device can compute in (the
+    caller asks precision.supports; tests pass any answer).
     """
     ds = copy.deepcopy(ds)
     if t.gradient_accumulation_steps % world_size:
@@ -76,12 +79,8 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int) -> dict:
                                  ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
                                  ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
             _fill(sp, key, value, ours, where="scheduler.params.")
-    bf16, fp16 = ds.get("bf16", {}).get("enabled", False), ds.get("fp16", {}).get("enabled", False)
-    if fp16:
-        from deepspeed.accelerator import get_accelerator
-        if not get_accelerator().is_fp16_supported():
-            raise ConfigError("fp16 is not supported on this device (CPU); use a bf16 config such as ds_configs/zero2.json")
-    json_dtype = "bfloat16" if bf16 else "float16" if fp16 else "float32"
+    json_dtype = _json_dtype(ds)
+    precision.check(json_dtype, device_kind, support, source="the DeepSpeed JSON")
     if t.dtype not in ("auto", json_dtype):
         raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON ({json_dtype}); "
                           "the JSON owns precision: leave dtype=auto")
@@ -93,6 +92,14 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int) -> dict:
         # DeepSpeed asserts these for MoE parameter groups.
         ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
     return ds
+
+
+def _json_dtype(ds: dict) -> str:
+    bf16, fp16 = ds.get("bf16", {}).get("enabled", False), ds.get("fp16", {}).get("enabled", False)
+    if bf16 and fp16:  # DeepSpeed would stop on an assertion deep inside initialize
+        raise ConfigError("the DeepSpeed JSON enables both bf16 and fp16; set one of bf16.enabled / fp16.enabled "
+                          "to false")
+    return "bfloat16" if bf16 else "float16" if fp16 else "float32"
 
 
 def _fill(block: dict, key: str, value, ours: str, where: str = ""):
@@ -288,7 +295,9 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
             raise ConfigError(f"num_experts ({m.num_experts}) must be divisible by ep_size ({t.ep_size})")
     elif t.ep_size != 1:
         raise ConfigError(f"ep_size={t.ep_size} needs use_moe=True")
-    ds_cfg = reconcile(ds_cfg, m, t, world)
+    from deepspeed.accelerator import get_accelerator
+    device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
+    ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
     clip_ourselves = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0 and m.use_moe
     if clip_ourselves:
         ds_cfg["gradient_clipping"] = 0.0  # ZeRO-0 computes the norm wrongly with experts (#8475)

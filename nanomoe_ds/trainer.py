@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, precision
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
 from .data import Batches, check_data, load_meta, resolve_data_dir, shard
 from .model import GPT
@@ -34,21 +34,19 @@ def get_lr(it: int, t: TrainConfig) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
 
 
-def resolve_device(t: TrainConfig) -> tuple[str, torch.dtype]:
-    """Check the device and pick a dtype it can run; refuse impossible pairs in one line."""
+def resolve_device(t: TrainConfig, support: precision.Support | None = None) -> tuple[str, torch.dtype]:
+    """Check the device and pick a dtype it can run; refuse impossible pairs in one line.
+
+    `support` defaults to asking this machine (precision.supports); tests pass one in.
+    """
     kind = t.device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={t.device} but CUDA is not available here; use --device=cpu")
     if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError("--device=mps but MPS is not available here; use --device=cpu")
-    name = t.dtype
-    if name == "auto":
-        name = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if kind == "cuda" else "float32"
-    if name == "float16" and kind == "cpu":
-        raise ConfigError("--dtype=float16 is not supported on cpu; use --dtype=bfloat16 or --dtype=float32")
-    if name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU has no bfloat16; use --dtype=float16")
-    return t.device, getattr(torch, name)
+    support = support or precision.supports(kind)
+    name = precision.default_dtype(kind, support) if t.dtype == "auto" else t.dtype
+    return t.device, getattr(torch, precision.check(name, kind, support))
 
 
 class LocalEngine:
@@ -60,8 +58,9 @@ class LocalEngine:
         self.module, self.t = model.to(device), t
         kind = device.split(":")[0]
         self.ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=kind, dtype=dtype)
-        # GradScaler only for CUDA fp16; MPS fp16 runs without (no scaler support there).
-        self.scaler = torch.amp.GradScaler(kind, enabled=(dtype == torch.float16 and kind == "cuda"))
+        # fp16 needs loss scaling against gradient underflow: a GradScaler on CUDA and on
+        # CPUs with native fp16; MPS fp16 runs without (no scaler support there).
+        self.scaler = torch.amp.GradScaler(kind, enabled=(dtype == torch.float16 and kind != "mps"))
         self.optimizer = model.configure_optimizers(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), kind)
         self.forward_module = torch.compile(model) if t.compile else model
         self.grad_accum = t.gradient_accumulation_steps

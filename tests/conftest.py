@@ -1,6 +1,7 @@
 """Shared fixtures: the prepared shakespeare_char data and a tiny-run config."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +9,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 @pytest.fixture(scope="session")
-def char_data(tmp_path_factory) -> Path:
+def shakespeare() -> Path:
+    """Tiny Shakespeare: launch/test.sh exports SHAKESPEARE_INPUT; a bare `pytest` looks where that script would."""
+    for candidate in (os.environ.get("SHAKESPEARE_INPUT"), REPO.parent / "shared/data/tinyshakespeare/input.txt",
+                      REPO / "data/shakespeare_char/input.txt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    pytest.fail("no Tiny Shakespeare for the tests: run `bash launch/test.sh` (it downloads it once) "
+                "or set SHAKESPEARE_INPUT=path/to/input.txt")
+
+
+@pytest.fixture(scope="session")
+def char_data(shakespeare, tmp_path_factory) -> Path:
     """shakespeare_char prepared once per session into a temp dir (never into the repo)."""
-    assert SHAKESPEARE.is_file(), f"missing {SHAKESPEARE}: CI lays shared/ beside the repo"
     out = tmp_path_factory.mktemp("shakespeare_char")
-    subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), "--input", str(SHAKESPEARE),
+    subprocess.run([sys.executable, str(REPO / "data/shakespeare_char/prepare.py"), "--input", str(shakespeare),
                     "--out_dir", str(out)], check=True, capture_output=True)
     return out
 

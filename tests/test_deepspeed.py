@@ -11,7 +11,9 @@ import torch
 from conftest import REPO, tiny_args
 from dist_utils import loopback_env, run_ranks, train_rows, free_port
 
-from nanomoe_ds.config import from_argv
+from nanomoe_ds.config import ConfigError, from_argv
+from nanomoe_ds.deepspeed_integration import reconcile
+from nanomoe_ds.precision import Support
 from nanomoe_ds.trainer import train
 
 # A tiny MoE GPT whose clipping threshold (0.5) sits below its gradient norm (~1.5):
@@ -128,7 +130,8 @@ def one_rank(argv, tmp_path):
     ({"train_micro_batch_size_per_gpu": 8}, {}, "error: DeepSpeed JSON train_micro_batch_size_per_gpu=8 contradicts batch_size=4"),
     ({"gradient_clipping": 2.0}, {}, "error: DeepSpeed JSON gradient_clipping=2.0 contradicts grad_clip=1.0"),
     ({"zero_optimization": {"stage": 3}}, {}, "error: ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2"),
-    ({"fp16": {"enabled": True}}, {}, "error: fp16 is not supported on this device (CPU)"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, {},
+     "error: the DeepSpeed JSON enables both bf16 and fp16; set one of bf16.enabled / fp16.enabled to false"),
     ({}, {"ep_size": 2}, "error: ep_size (2) must divide the number of ranks (1)"),
     ({}, {"num_experts": 3, "num_experts_per_tok": 1, "ep_size": 1, "gradient_accumulation_steps": 3},
      None),  # control: a valid odd set-up runs
@@ -180,3 +183,29 @@ def test_deepspeed_launcher_two_ranks(char_data, tmp_path):
     rows = train_rows(tmp_path)
     assert [row["iter"] for row in rows] == [0, 1, 2]
     assert (tmp_path / "iter_2" / "layer_0_expert_3_mp_rank_00_model_states.pt").exists()
+
+
+# ------------------------------------------------ precision in the JSON: in-process, any answer the device may give
+def reconcile_fp16_json(support, **json_over):
+    cfg = json.load(open(REPO / "ds_configs/fp16.json"))
+    cfg.update(json_over)
+    m, t = from_argv(["--batch_size=4", "--gradient_accumulation_steps=2"])
+    return reconcile(cfg, m, t, world_size=2, device_kind="cpu", support=support)
+
+
+def test_fp16_json_refused_where_the_device_lacks_fp16():
+    with pytest.raises(ConfigError, match=r"^the DeepSpeed JSON asks for float16, but this CPU has no native float16 "
+                                          r"\(it needs AVX512-FP16 or AMX-FP16\); use a bf16 config"):
+        reconcile_fp16_json(Support(bfloat16=True, float16=False))
+
+
+def test_fp16_json_accepted_where_the_device_has_fp16():
+    ds = reconcile_fp16_json(Support(bfloat16=True, float16=True))
+    assert ds["fp16"]["enabled"] is True and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 1  # 2 global micro-batches over 2 ranks
+
+
+def test_both_precisions_refused_on_every_device():
+    for support in (Support(True, True), Support(True, False), Support(False, True)):
+        with pytest.raises(ConfigError, match="^the DeepSpeed JSON enables both bf16 and fp16"):
+            reconcile_fp16_json(support, bf16={"enabled": True})

@@ -1,11 +1,12 @@
 """Tests for the nanoGPT-style data/*/prepare.py scripts.
 
-They run offline: the char-level test reads the shared tiny-Shakespeare copy,
-and the BPE scripts get a tiny tiktoken Encoding built here instead of GPT-2
+They run offline: the char-level test reads the tests' Tiny Shakespeare (see
+conftest.py), downloads are pointed at file:// URLs, and the BPE scripts get a tiny tiktoken Encoding built here instead of GPT-2
 (whose BPE file tiktoken would have to download).
 """
 import importlib.util
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import pytest
 import tiktoken
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 SCRIPTS = {name: REPO / "data" / name / "prepare.py"
            for name in ("shakespeare_char", "shakespeare", "openwebtext")}
 
@@ -75,9 +75,8 @@ def read_bin(path):
     return np.fromfile(path, dtype=np.uint16)
 
 
-def test_shakespeare_char_exact_counts(tmp_path):
-    assert SHAKESPEARE.is_file(), f"missing {SHAKESPEARE}: CI lays shared/ beside the repo"
-    r = run_script("shakespeare_char", "--input", str(SHAKESPEARE), "--out_dir", str(tmp_path))
+def test_shakespeare_char_exact_counts(tmp_path, shakespeare):
+    r = run_script("shakespeare_char", "--input", str(shakespeare), "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "train has 1,003,854 tokens" in r.stdout
     assert "val has 111,540 tokens" in r.stdout
@@ -89,7 +88,7 @@ def test_shakespeare_char_exact_counts(tmp_path):
     assert meta["vocab_size"] == 65
     assert all(meta["stoi"][meta["itos"][i]] == i for i in range(65))
 
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare.read_text(encoding="utf-8")
     assert "".join(meta["itos"][int(i)] for i in train[:1000]) == text[:1000]
     assert "".join(meta["itos"][int(i)] for i in val[-1000:]) == text[-1000:]
 
@@ -208,3 +207,44 @@ def test_download_failure_is_one_line_error(tmp_path, name, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--input PATH" in err[0]
     assert list(tmp_path.iterdir()) == []  # no truncated input.txt or .part left behind
+
+
+def copy_of_repo_without_ci_data(tmp_path) -> Path:
+    """What a user's fresh clone has for the test data step: the scripts, no ../shared beside it."""
+    repo = tmp_path / "clone" / "main"
+    for rel in ("launch/test_data.sh", "data/prepare_common.py", "data/shakespeare_char/prepare.py"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_bytes((REPO / rel).read_bytes())
+    assert not (repo.parent / "shared").exists()
+    return repo
+
+
+def run_test_data(repo, url):
+    env = {k: v for k, v in os.environ.items() if k != "SHAKESPEARE_INPUT"}
+    env["TINYSHAKESPEARE_URL"] = url
+    return subprocess.run(["bash", str(repo / "launch/test_data.sh")], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_test_data_downloads_and_checks_without_ci_copy(tmp_path, shakespeare):
+    """README's test command on a user's machine: no shared copy, so Tiny Shakespeare is downloaded and checked."""
+    repo = copy_of_repo_without_ci_data(tmp_path)
+    r = run_test_data(repo, shakespeare.as_uri())  # the "download" reads a local file
+    assert r.returncode == 0, r.stderr
+    downloaded = repo / "data/shakespeare_char/input.txt"
+    assert r.stdout.strip().splitlines()[-1] == str(downloaded.resolve())
+    assert downloaded.read_bytes() == shakespeare.read_bytes()
+    assert len(read_bin(repo / "data/shakespeare_char/train.bin")) == 1_003_854
+    r = run_test_data(repo, (tmp_path / "gone.txt").as_uri())  # a second run reuses the checked copy
+    assert r.returncode == 0, r.stderr
+
+
+def test_test_data_refuses_a_corrupt_download(tmp_path, shakespeare):
+    repo = copy_of_repo_without_ci_data(tmp_path)
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_bytes(shakespeare.read_bytes()[:100_000])
+    r = run_test_data(repo, truncated.as_uri())
+    assert r.returncode == 2
+    line = assert_one_line_error(r)
+    assert "is not the expected one (100,000 bytes" in line and "--input PATH" in line
+    assert not any((repo / "data/shakespeare_char").glob("input.txt*"))  # nothing a later run would trust

@@ -75,7 +75,7 @@ def cli(*args, timeout=300):
 
 @pytest.mark.parametrize("argv, msg", [
     (["--n_layers=2"], "error: unknown config key 'n_layers'; did you mean n_layer"),
-    (["--device=cpu", "--dtype=float16"], "error: --dtype=float16 is not supported on cpu"),
+    (["--device=cpu", "--dtype=float17"], "error: unknown dtype 'float17'; choose auto, float32, bfloat16 or float16"),
     (["--device=cuda"], "error: --device=cuda but CUDA is not available here; use --device=cpu"),
 ])
 def test_cli_refusals_are_one_line(char_data, tmp_path, argv, msg):

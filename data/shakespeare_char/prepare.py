@@ -16,9 +16,8 @@ import numpy as np
 
 # data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_common import die, download, input_path, parse_input_args, read_text  # noqa: E402,F401 (download: tests call it)
+from prepare_common import die, download, parse_input_args, tinyshakespeare_path, read_text  # noqa: E402,F401 (download: tests call it)
 
-DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -55,7 +54,7 @@ def prepare(text, out_dir):
 def main(argv=None):
     # --input PATH (default: download input.txt next to this script), --out_dir DIR
     args = parse_input_args(argv, __doc__.splitlines()[0], HERE, "train.bin, val.bin and meta.pkl")
-    prepare(read_text(input_path(args.input, HERE, DATA_URL)), args.out_dir)
+    prepare(read_text(tinyshakespeare_path(args.input, HERE)), args.out_dir)
 
 
 if __name__ == "__main__":
