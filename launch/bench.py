@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanomoe_ds import kernels
 from nanomoe_ds.config import GPTConfig, validate_model
 from nanomoe_ds.moe import MLP, MoE, init_moe_
 
@@ -208,16 +209,17 @@ def main():
 
     for shape in args.shapes.split(","):
         E, k, h = parse_shape(shape)
-        # (row label, variant, moe_impl)
-        rows = [("dense", "dense", None)] if "dense" in variants else []
-        if "ours" in variants:  # auto first; a forced row for each other impl (auto's twin is skipped)
-            picked = build("ours", "auto", E, k, h, d, device).experts.choose_impl(torch.empty(0, device=device))
-            rows.append((f"ours (auto: {picked})", "ours", "auto"))
-            rows += [(f"ours {i}", "ours", i) for i in impls if i != picked]
-        rows += [(v, v, None) for v in ("seed", "ds") if v in variants]
-        models = {label: build(v, impl or "auto", E, k, h, d, device) for label, v, impl in rows}
         for dt_name in args.dtype.split(","):
             ac = {"fp32": None, "bf16": torch.bfloat16}[dt_name]
+            # (row label, variant, moe_impl)
+            rows = [("dense", "dense", None)] if "dense" in variants else []
+            if "ours" in variants:  # auto first; a forced row for each other impl (auto's twin is skipped)
+                target = kernels.target_of(torch.empty(0, device=device), ac or torch.float32)
+                picked = kernels.choose("auto", target, (d, h))
+                rows.append((f"ours (auto: {picked})", "ours", "auto"))
+                rows += [(f"ours {i}", "ours", i) for i in impls if i != picked and kernels.runs(i, target, (d, h))]
+            rows += [(v, v, None) for v in ("seed", "ds") if v in variants]
+            models = {label: build(v, impl or "auto", E, k, h, d, device) for label, v, impl in rows}
             torch.manual_seed(1)
             x = torch.randn(8, T // 8, d, device=device, requires_grad=True)
             g = torch.randn(8, T // 8, d, device=device)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import GPTConfig
 from .dispatch import capacity, gather_rows, permute, unpermute
 
@@ -62,7 +63,8 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """E GPT-2 MLPs stored as stacked tensors, applied to rows already sorted by expert.
 
-    Three kernels compute the same thing (tests hold them equal); `impl` picks one:
+    Three kernels compute the same thing (tests hold them equal); `impl` picks one,
+    and `auto` asks kernels.choose (by device, dtype and torch version):
       - grouped_mm: one grouped GEMM over variable-size groups (fast on Hopper);
       - bmm: pad every group to the largest count, then batched matmuls;
       - loop: one matmul per expert over its contiguous rows (fastest on CPU).
@@ -77,18 +79,17 @@ class GroupedExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if act == "swiglu" else None
         self.b_in = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(num_experts, d)) if bias else None
+        self._kernel_for: dict = {}  # kernels.Target -> kernel name
 
-    def choose_impl(self, x: torch.Tensor) -> str:
-        if self.impl != "auto":
-            return self.impl
-        # Measured with launch/bench.py (docs/benchmarks.md). CUDA: one grouped GEMM.
-        # CPU: the loop, at every shape timed (E=8/k=2 and E=64/k=8, fp32 and bf16).
-        # Its per-expert matmuls run about as fast as one big one and it moves no
-        # data (split gives views); bmm pays a padded copy in and out plus the
-        # padding's FLOPs, and the CPU grouped GEMM is a slow fallback in bf16.
-        if x.device.type == "cuda":
-            return "grouped_mm"
-        return "loop"
+    def kernel_for(self, x: torch.Tensor, compute_dtype: torch.dtype) -> str:
+        """The kernel for this device and dtype (kernels.choose), checked once per target."""
+        target = kernels.target_of(x, compute_dtype)
+        impl = self._kernel_for.get(target)
+        if impl is None:
+            widths = (self.w_in.shape[1], self.w_in.shape[2])
+            kernels.check(self.impl, target, widths)  # a forced kernel that can't run here: one line
+            impl = self._kernel_for[target] = kernels.choose(self.impl, target, widths)
+        return impl
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, d] rows grouped by expert, counts: [E] rows per expert -> [N, d]."""
@@ -98,13 +99,14 @@ class GroupedExperts(nn.Module):
             # on every rank (or the others hang), and each weight gets a zero gradient.
             touch = x.sum() + sum(p.sum() for p in self.parameters())
             return x.new_zeros(0, self.w_out.shape[-1]) + 0 * touch
-        impl = self.choose_impl(x)
         # Grouped GEMM is not on autocast's list, so pick the compute dtype once,
         # explicitly, for every kernel: they then round identically. (`.to` returns
         # the tensor itself when it already has that dtype: no copy in fp32.)
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        params = [None if p is None else p.to(dt) for p in (self.w_in, self.w_gate, self.w_out, self.b_in, self.b_out)]
+        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        impl = self.kernel_for(x, compute_dtype)
+        params = [None if p is None else p.to(compute_dtype)
+                  for p in (self.w_in, self.w_gate, self.w_out, self.b_in, self.b_out)]
         E, N = self.num_experts, x.shape[0]
         if impl == "loop":
             # One expert at a time on its contiguous rows. split gives views, so the
@@ -113,9 +115,9 @@ class GroupedExperts(nn.Module):
             # where E select-backwards would each write a full-size zero gradient.
             sizes = counts.tolist()
             per_expert = zip(*(p.unbind(0) if p is not None else [None] * E for p in params))
-            return torch.cat([self._mlp(xe.to(dt), *pe, linear=_linear)
+            return torch.cat([self._mlp(xe.to(compute_dtype), *pe, linear=_linear)
                               for xe, pe, n in zip(torch.split(x, sizes), per_expert, sizes) if n > 0])
-        x = x.to(dt)
+        x = x.to(compute_dtype)
         if impl == "bmm":
             # Pad once: expert e's rows go to block e of an [E, max_count, d] buffer,
             # the whole MLP runs there (each block's bias is a broadcast add, no per-row

@@ -250,6 +250,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
             rec = {"iter": iter_num, "loss": float(parts[0]), "ce_loss": float(parts[1]),
                    "aux_loss": float(parts[2]), "z_loss": float(parts[3]), "lr": lr, "grad_norm": grad_norm,
                    "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
+            if str(device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if t.log_moe_stats and model.moe_layers():
                 rec["moe"] = moe_stats(model)
             log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "

@@ -656,13 +656,21 @@ def test_cuda_matches_cpu(impl):
     assert all(p.grad is not None and p.grad.device.type == "cuda" for p in moe_c.parameters())
 
 
-def test_auto_impl_choice_on_cpu():
+def test_auto_kernel_on_cpu_and_forced_kernels():
     x = torch.zeros(3, D)
     # measured in docs/benchmarks.md: the per-expert loop wins on CPU at every timed shape
-    assert GroupedExperts(8, D, H, impl="auto").choose_impl(x) == "loop"
-    assert GroupedExperts(64, D, H, impl="auto").choose_impl(x) == "loop"
-    assert GroupedExperts(64, D, H, impl="auto").choose_impl(x.to("meta")) == "loop"
-    assert GroupedExperts(17, D, H, impl="grouped_mm").choose_impl(x) == "grouped_mm"
+    assert GroupedExperts(8, D, H, impl="auto").kernel_for(x, torch.float32) == "loop"
+    assert GroupedExperts(64, D, H, impl="auto").kernel_for(x, torch.bfloat16) == "loop"
+    assert GroupedExperts(17, D, H, impl="grouped_mm").kernel_for(x, torch.float32) == "grouped_mm"
+
+
+def test_forced_grouped_mm_that_cannot_run_is_one_line_error():
+    """The CPU grouped GEMM needs 16-byte-aligned rows: width 6 in fp32 is 24 bytes."""
+    cfg = make_cfg(n_embd=6, n_head=2, expert_hidden=8, moe_impl="grouped_mm")
+    moe = MoE(cfg)
+    with pytest.raises(ConfigError, match=r"^moe_impl=grouped_mm cannot run on cpu with float32, torch \d+\.\d+ "
+                                          r"and widths \(6, 8\); use moe_impl=auto"):
+        moe(torch.randn(1, 4, 6))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
