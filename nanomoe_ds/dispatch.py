@@ -123,7 +123,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y, w, inv, acc):
         T, k = w.shape
         out = y.new_empty(T, y.shape[-1], dtype=torch.promote_types(acc, w.dtype))
-        for t in _chunks(T, k * y.shape[-1]):
+        for t in _chunks(T, k * y.shape[-1], y.device):
             rows = _slot_rows(y, inv, t, k).to(acc)
             torch.sum(rows * w[t].unsqueeze(-1), dim=1, out=out[t])
         ctx.save_for_backward(y, w, inv)
@@ -136,7 +136,7 @@ class _Combine(torch.autograd.Function):
         T, k = w.shape
         grad_y = torch.empty_like(y)  # inv is a permutation: every row gets written once
         grad_w = torch.empty_like(w)
-        for t in _chunks(T, k * y.shape[-1]):
+        for t in _chunks(T, k * y.shape[-1], y.device):
             g = grad[t].unsqueeze(1)  # [tokens, 1, d]
             grad_w[t] = (g * _slot_rows(y, inv, t, k).to(ctx.acc)).sum(-1)
             grad_rows = (g * w[t].unsqueeze(-1)).to(ctx.acc).to(y.dtype)  # autograd's two casts, in order
@@ -149,7 +149,13 @@ def _slot_rows(y, inv, t: slice, k: int):
     return y.index_select(0, inv[t.start * k:t.stop * k]).view(t.stop - t.start, k, -1)
 
 
-def _chunks(n: int, row_size: int, elems: int = 1 << 21):
-    """Slices of range(n) of about `elems` elements each (a few MB: reused memory, cache-sized)."""
+def _chunks(n: int, row_size: int, device: torch.device):
+    """Slices of range(n) of a bounded number of elements each.
+
+    On a CPU a few MB, so each chunk's temporaries are reused and stay in cache. On a
+    GPU each chunk costs several kernel launches, so chunks are large (hundreds of
+    MB): one or two for a typical batch, and still a cap on the temporaries.
+    """
+    elems = 1 << 27 if device.type == "cuda" else 1 << 21
     step = max(1, elems // max(row_size, 1))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]

@@ -136,7 +136,7 @@ class GroupedExperts(nn.Module):
 
         def grouped_linear(a, w, b):
             y = torch._grouped_mm(a, w, offs=offs)
-            return y if b is None else y + b.index_select(0, expert_of_row)
+            return y if b is None else _AddGroupedBias.apply(y, b, counts, expert_of_row)
 
         return self._mlp(x, *params, linear=grouped_linear)
 
@@ -163,6 +163,27 @@ def _padded_linear(x, w, b):
     """[E, cap, d_in] @ [E, d_in, d_out] + b[E, d_out], the bias broadcast over each block's rows."""
     y = torch.bmm(x, w)
     return y if b is None else y + b.unsqueeze(1)
+
+
+class _AddGroupedBias(torch.autograd.Function):
+    """y + b[expert of each row], for rows grouped by expert.
+
+    Autograd's backward of that index_select is an index_add: on a GPU every row of
+    an expert adds atomically into the same bias row, which serialises (and in bf16
+    runs as compare-and-swap loops). The rows of an expert are contiguous, so the
+    bias gradient is a segment sum instead, accumulated in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, y, b, counts, expert_of_row):
+        ctx.save_for_backward(counts)
+        return y + b.index_select(0, expert_of_row)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (counts,) = ctx.saved_tensors
+        grad_b = torch.segment_reduce(grad.float(), "sum", lengths=counts).to(grad.dtype)
+        return grad, grad_b, None, None
 
 
 class MLP(nn.Module):
