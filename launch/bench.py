@@ -97,6 +97,19 @@ def init_deepspeed(device: str):
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
 
 
+def machine_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name plus the flags that change bf16/fp16 speed (benchmarks name it)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    name, flags = platform.processor() or platform.machine(), set()
+    if os.path.exists("/proc/cpuinfo"):
+        lines = open("/proc/cpuinfo").read().splitlines()
+        name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), name)
+        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+    extras = [f for f in ("amx_bf16", "avx512_bf16", "avx512_fp16") if f in flags]
+    return f"{name}, {', '.join(extras)}" if extras else name
+
+
 def parse_shape(s: str):
     E, k, h = (int(v) for v in s.lower().split("x"))
     return E, k, h
@@ -195,12 +208,7 @@ def main():
         init_deepspeed(device)
     torch.set_num_threads(args.threads)  # after DeepSpeed, which may set its own
 
-    cpu = platform.processor() or platform.machine()
-    if device == "cpu" and os.path.exists("/proc/cpuinfo"):
-        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
-    elif device.startswith("cuda"):
-        cpu = torch.cuda.get_device_name()
-    print(f"# {datetime.date.today()}  torch {torch.__version__}  device {device} ({cpu})  threads "
+    print(f"# {datetime.date.today()}  torch {torch.__version__}  device {device} ({machine_name(device)})  threads "
           f"{torch.get_num_threads()}  tokens {T}  n_embd {d}  median of {args.repeats}")
     print(f"# {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}")
     header = f"| {'shape':<14} | {'dtype':<5} | {'layer':<22} | {'ms':>8} | {'x dense':>7} | {'peak MB':>8} |"

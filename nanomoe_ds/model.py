@@ -62,6 +62,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # the residual the seed dropped
 
 
+def fused_adamw_supported(device_type: str) -> bool:
+    """torch's fused AdamW: one kernel over all parameters instead of a loop of foreach ops.
+
+    It exists for CUDA and, since torch 2.4, for the CPU; elsewhere (MPS, older torch)
+    the default implementation runs.
+    """
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -169,7 +178,7 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with decay on weight matrices (experts and router included), none on biases/norms."""
         groups = self.optimizer_groups(weight_decay)
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type == "cuda"
+        fused = fused_adamw_supported(device_type)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:

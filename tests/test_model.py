@@ -100,7 +100,25 @@ def test_optimizer_groups_decay_matrices_only():
     n = sum(p.numel() for g in groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    assert isinstance(opt, torch.optim.AdamW)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True  # one kernel on CPU too
+
+
+def test_fused_adamw_matches_the_default_implementation():
+    """Given the same gradients, the fused CPU AdamW takes the same steps as the foreach one, to fp32 rounding."""
+    def run(fused):
+        torch.manual_seed(0)
+        model = GPT(tiny(use_moe=True, num_experts=4))
+        opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-2, betas=(0.9, 0.95), fused=fused)
+        grads = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=grads)
+            opt.step()
+        return model.state_dict()
+
+    fused, default = run(True), run(False)
+    for k in fused:
+        torch.testing.assert_close(fused[k], default[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_generate_top_k_and_length():

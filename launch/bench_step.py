@@ -1,0 +1,109 @@
+"""Time whole training steps of MoE GPTs against the dense one, side by side in one run.
+
+Each variant is a model plus the trainer's own single-device engine (trainer.LocalEngine:
+autocast, AdamW, clipping), built from the same preset and overrides the trainer would
+parse, so a step here is a step of `launch/train.py`. Variants are interleaved (one step
+of each per round, rotating the order) and the median of the timed rounds is reported,
+with its ratio to the first variant.
+
+Default: the nanoGPT-MoE seed's CPU line (4 layers, n_embd 128, block 64, batch 12), as
+  dense          the baby GPT;
+  moe-10x2       the seed's MoE: 10 experts, top-2, experts as wide as the dense MLP;
+  moe-8x2-h256   8 experts, top-2, expert_hidden 256: the same active FLOPs as dense;
+and, with --optimizers, each of them again with the foreach (unfused) AdamW.
+
+    python launch/bench_step.py                      # the seed's CPU line, fp32
+    python launch/bench_step.py --dtype=bfloat16 --steps 60
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch
+
+from bench import machine_name
+from nanomoe_ds.config import from_argv
+from nanomoe_ds.model import GPT
+from nanomoe_ds.trainer import LocalEngine
+
+SEED_LINE = ["launch/config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--block_size=64",
+             "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0", "--vocab_size=65"]
+VARIANTS = {
+    "dense": [],
+    "moe-10x2": ["--use_moe=True", "--num_experts=10", "--num_experts_per_tok=2"],
+    "moe-8x2-h256": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=2", "--expert_hidden=256"],
+}
+
+
+def build(argv: list[str], fused: bool) -> LocalEngine:
+    model_cfg, train_cfg = from_argv(argv)
+    torch.manual_seed(train_cfg.seed)
+    engine = LocalEngine(GPT(model_cfg), train_cfg, train_cfg.device, getattr(torch, train_cfg.dtype))
+    if not fused:  # the same parameter groups and hyper-parameters, default (foreach) implementation
+        engine.optimizer = torch.optim.AdamW(engine.module.optimizer_groups(train_cfg.weight_decay),
+                                             lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2),
+                                             foreach=True)
+    return engine
+
+
+def train_step(engine: LocalEngine, batches: list, lr: float) -> None:
+    """What the trainer does per iteration: forward/backward per micro-batch, then one optimizer step."""
+    for x, y in batches:
+        _, loss = engine.forward(x, y)
+        engine.backward(loss)
+    engine.step(lr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="timed rounds, after --warmup rounds")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--optimizers", action="store_true", help="also time each variant with the foreach AdamW")
+    ap.add_argument("--threads", type=int, default=2)
+    args, overrides = ap.parse_known_args()
+    torch.set_num_threads(args.threads)
+
+    base = SEED_LINE + [f"--dtype={args.dtype}"] + overrides
+    engines = {}
+    for name in args.variants.split(","):
+        engines[name] = build(base + VARIANTS[name], fused=True)
+        if args.optimizers:
+            engines[f"{name} (foreach AdamW)"] = build(base + VARIANTS[name], fused=False)
+    cfg = next(iter(engines.values())).module.config
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, cfg.vocab_size, (12, cfg.block_size), generator=gen),) * 2]  # x, y: timing only
+
+    times = {name: [] for name in engines}
+    order = list(engines)
+    for r in range(args.warmup + args.steps):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            train_step(engines[name], batches, lr=1e-3)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    print(f"# {datetime.date.today()}  torch {torch.__version__}  {machine_name('cpu')}  threads "
+          f"{torch.get_num_threads()}  {args.dtype}  median of {args.steps} interleaved steps")
+    print(f"# {' '.join(['python launch/bench_step.py'] + sys.argv[1:])}")
+    print("| variant | params total / active | step ms | x first |")
+    print("|---|---|---:|---:|")
+    ref = None
+    for name, engine in engines.items():
+        med = statistics.median(times[name]) * 1e3
+        ref = ref or med
+        model = engine.module
+        print(f"| {name} | {model.get_num_params() / 1e6:.2f}M / {model.get_num_params(active=True) / 1e6:.2f}M "
+              f"| {med:.1f} | {med / ref:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
