@@ -10,20 +10,25 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nanomoe_ds import deepspeed_integration  # noqa: E402  (imports torch, not deepspeed)
 from nanomoe_ds.config import ConfigError, from_argv  # noqa: E402
+from nanomoe_ds.launch_env import report_error  # noqa: E402
 from nanomoe_ds.trainer import train  # noqa: E402
 
 
 def main(argv):
     try:
         model_cfg, train_cfg = from_argv(argv)
-        if not train_cfg.deepspeed_config:
-            train(model_cfg, train_cfg)
-            return
-        from nanomoe_ds import deepspeed_integration
-        deepspeed_integration.main(model_cfg, train_cfg)  # exits the process itself
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(e)
+        sys.exit(2)
+    if train_cfg.deepspeed_config:
+        code = deepspeed_integration.run(model_cfg, train_cfg)
+        deepspeed_integration.shutdown(code)  # ends the process without gloo's exit-time abort
+    try:
+        train(model_cfg, train_cfg)
+    except ConfigError as e:
+        report_error(e)
         sys.exit(2)
 
 

@@ -103,6 +103,10 @@ class TrainConfig:
     deepspeed_config: str = ""
     ep_size: int = 1
     local_rank: int = -1  # set by the deepspeed launcher; otherwise unused
+    # Seconds a collective may wait for the other ranks before the job fails (DeepSpeed's
+    # default). A hung rank then ends the run after this long; checkpoint saves of very
+    # large models on slow filesystems are what it must outlast.
+    dist_timeout: int = 1800
 
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -233,7 +237,8 @@ def validate_model(c: GPTConfig):
 
 
 def validate_train(t: TrainConfig):
-    for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval", "ep_size"):
+    for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval", "ep_size",
+              "dist_timeout"):
         _check(getattr(t, k) >= 1, f"{k} must be at least 1, got {getattr(t, k)}")
     _check(t.max_iters >= 0, f"max_iters must be >= 0, got {t.max_iters}")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),

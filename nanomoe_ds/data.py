@@ -68,3 +68,19 @@ class Batches:
 def shard(num_micro: int, rank: int, world: int) -> list[int]:
     """The global micro-batch ids rank `rank` processes, in order."""
     return list(range(rank, num_micro, world))
+
+
+def fit_accumulation(num_micro: int, world: int, batch_size: int) -> tuple[int, str | None]:
+    """Global micro-batches per step for `world` ranks, and a line saying what changed (None if nothing).
+
+    As in nanoGPT's DDP, gradient_accumulation_steps counts the micro-batches of the
+    *global* step, split over the ranks, so the global batch is the same whatever the
+    world size. Every rank needs the same number of micro-batches, at least one, so a
+    count that is not a multiple of the world size is rounded up to the next multiple:
+    the global batch grows (it never silently shrinks), and the line says by how much.
+    """
+    fitted = -(-num_micro // world) * world
+    if fitted == num_micro:
+        return num_micro, None
+    return fitted, (f"global batch {batch_size}x{num_micro} -> {batch_size}x{fitted} for {world} ranks "
+                    f"(gradient_accumulation_steps {num_micro} -> {fitted}: a multiple of the number of ranks)")

@@ -10,6 +10,7 @@ parameters. The README's "Distributed training" section says what this means for
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib
 import json
 import math
@@ -20,8 +21,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import precision
+from . import launch_env, precision
 from .config import ConfigError, GPTConfig, TrainConfig
+from .data import fit_accumulation
 from .expert_parallel import ExpertParallel, shard_experts_
 from .model import GPT
 
@@ -286,8 +288,14 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     import deepspeed
     # CPU runs: skip DeepSpeed's shared-memory op, a 20 s JIT build that training never uses.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed()
+    os.environ.update(launch_env.distributed_env(os.environ))  # srun: translate SLURM's variables
+    timeout = datetime.timedelta(seconds=t.dist_timeout)
+    set_group_timeout(timeout)
+    deepspeed.init_distributed(timeout=timeout)
     world = dist.get_world_size()
+    t.gradient_accumulation_steps, changed = fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)
+    if changed and dist.get_rank() == 0:
+        print(changed, flush=True)
     if m.use_moe:
         if world % t.ep_size:
             raise ConfigError(f"ep_size ({t.ep_size}) must divide the number of ranks ({world})")
@@ -313,20 +321,36 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     return factory
 
 
-def main(m: GPTConfig, t: TrainConfig):
-    """Run a DeepSpeed training and end the process cleanly (see `shutdown`)."""
+def set_group_timeout(timeout: datetime.timedelta):
+    """Make every process group of this process wait at most `timeout` in a collective.
+
+    init_distributed's timeout reaches the default group only. DeepSpeed makes its
+    data-parallel and expert groups with `new_group(ranks)`, and torch gives such
+    groups its own 30-minute default rather than the default group's timeout (checked:
+    an all_reduce on a new gloo group outlived a 5 s init timeout). So the defaults
+    torch reads for new groups are set too, before any group exists.
+    """
+    from torch.distributed import distributed_c10d
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def run(m: GPTConfig, t: TrainConfig) -> int:
+    """Run a DeepSpeed training; return the process's exit code (the entry point ends the process with shutdown)."""
     from .trainer import train
-    code = 0
     try:
         train(m, t, make_engine_factory(m, t))
+        return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except BaseException:
+        launch_env.report_error(e)
+        return 2
+    except BaseException as e:
         import traceback
         traceback.print_exc()
-        code = 1
-    shutdown(code)
+        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+            print(f"error: rank {dist.get_rank() if dist.is_initialized() else '?'}: a collective waited longer "
+                  f"than dist_timeout={t.dist_timeout}s; another rank is hung or dead", file=sys.stderr, flush=True)
+        return 1
 
 
 def shutdown(code: int):

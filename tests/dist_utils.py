@@ -29,12 +29,17 @@ def loopback_env(**extra) -> dict:
     return env
 
 
+def start_ranks(n: int, argv: list[str]) -> list[subprocess.Popen]:
+    """Start launch/train.py on n ranks with the launcher's variables, as the deepspeed launcher would."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *argv], cwd=REPO,
+                             env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=n, MASTER_PORT=port),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+
+
 def run_ranks(n: int, argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
     """Run launch/train.py on n ranks; a rank that does not finish in `timeout` s fails the test as a hang."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *argv], cwd=REPO,
-                              env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=n, MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+    procs = start_ranks(n, argv)
     results = []
     for p in procs:
         try:

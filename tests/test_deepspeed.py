@@ -73,6 +73,17 @@ def test_other_stages_ep2_match_one_device(single, char_data, tmp_path, stage):
     assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
 
 
+def test_four_ranks_two_expert_groups_match_one_device(char_data, tmp_path):
+    """4 ranks, ep_size=2: two expert-parallel groups, each expert on 2 ranks' data. The preset's
+    2 micro-batches cannot be split over 4 ranks, so the global batch becomes 4 micro-batches:
+    the same numbers as one device with gradient_accumulation_steps=4."""
+    m, t = from_argv(tiny_args(char_data, tmp_path / "one", **{**COMMON, "gradient_accumulation_steps": 4}))
+    train(m, t)
+    one = train_rows(tmp_path / "one"), torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    four = run_ds(4, tmp_path, char_data, "four", ds_json(tmp_path, "zero2"), ep_size=2)
+    assert_same_run(one, four, rel=1e-5, weight_atol=1e-5)
+
+
 def test_capacity_limited_exchange_ep2(char_data, tmp_path):
     """With capacity_factor > 0 tokens are dropped before the exchange; EP=2 still matches one device."""
     over = dict(capacity_factor=0.8, gate="sigmoid", num_shared_experts=1, expert_act="swiglu")
@@ -154,9 +165,9 @@ def test_refusals_one_rank(char_data, tmp_path, json_edit, over, msg):
 def test_num_experts_not_divisible_by_ep_size(char_data, tmp_path):
     res = run_ranks(2, ["--deepspeed_config", str(REPO / "ds_configs/zero2.json"),
                         *tiny_args(char_data, tmp_path, num_experts=3, num_experts_per_tok=1, ep_size=2)])
-    for r in res:
-        assert r.returncode == 2
-        assert r.stderr.strip().splitlines()[-1] == "error: num_experts (3) must be divisible by ep_size (2)"
+    assert [r.returncode for r in res] == [2, 2]
+    assert res[0].stderr.strip().splitlines()[-1] == "error: num_experts (3) must be divisible by ep_size (2)"
+    assert "error" not in res[1].stderr  # printed once for the job, by rank 0
 
 
 @pytest.mark.parametrize("path, msg", [
@@ -174,12 +185,19 @@ def test_missing_or_invalid_json(char_data, tmp_path, path, msg):
 
 
 def test_deepspeed_launcher_two_ranks(char_data, tmp_path):
-    """The README's command: `deepspeed --num_gpus 2 launch/train.py --deepspeed_config ...`."""
+    """The README's command: `deepspeed --num_gpus 2 launch/train.py --deepspeed_config ...`.
+
+    The preset's gradient_accumulation_steps=1 cannot be split over 2 ranks: the global
+    batch doubles, and rank 0 says so once.
+    """
     r = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                         "--deepspeed_config", "ds_configs/zero2.json", "launch/config/train_shakespeare_char_moe.py",
-                        *tiny_args(char_data, tmp_path, max_iters=2, eval_interval=2), "--ep_size=2"],
+                        *tiny_args(char_data, tmp_path, max_iters=2, eval_interval=2, gradient_accumulation_steps=1),
+                        "--ep_size=2"],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=loopback_env())
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("global batch 4x1 -> 4x2 for 2 ranks") == 1, r.stdout[-3000:]
+    assert "tokens per iteration: 256" in r.stdout  # 4 x 2 x block 32
     rows = train_rows(tmp_path)
     assert [row["iter"] for row in rows] == [0, 1, 2]
     assert (tmp_path / "iter_2" / "layer_0_expert_3_mp_rank_00_model_states.pt").exists()
@@ -209,3 +227,17 @@ def test_both_precisions_refused_on_every_device():
     for support in (Support(True, True), Support(True, False), Support(False, True)):
         with pytest.raises(ConfigError, match="^the DeepSpeed JSON enables both bf16 and fp16"):
             reconcile_fp16_json(support, bf16={"enabled": True})
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "launch/config").glob("*.py")))
+def test_every_preset_reconciles_at_any_world_size(preset, world):
+    """What each rank works out before training, for every shipped preset and the README's JSONs."""
+    from nanomoe_ds.data import fit_accumulation
+    model_cfg, train_cfg = from_argv([str(REPO / "launch/config" / preset)])
+    train_cfg.gradient_accumulation_steps, _ = fit_accumulation(train_cfg.gradient_accumulation_steps, world,
+                                                                train_cfg.batch_size)
+    for name in ("zero1", "zero2"):
+        ds = reconcile(json.load(open(REPO / "ds_configs" / f"{name}.json")), model_cfg, train_cfg, world, "cuda",
+                       Support(bfloat16=True, float16=True))
+        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world

@@ -1,0 +1,58 @@
+"""Where this process sits in the job, whichever launcher started it.
+
+torch.distributed reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+The `deepspeed` launcher and torchrun set them; under mpirun DeepSpeed discovers
+them through MPI itself. SLURM's `srun` sets only its own variables, so
+`distributed_env` translates those (as torchtitan and Lightning do) when the usual
+ones are missing. Pure functions of an environment mapping, so tests pass any.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Mapping
+
+DEFAULT_MASTER_PORT = "29500"  # torch.distributed's usual default; set MASTER_PORT to run two jobs on one node
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu3' -> 'gpu07', 'a1-ib,b2' -> 'a1-ib'."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    prefix, ranges, suffix = match.groups()
+    if ranges is None:
+        return prefix + suffix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first + suffix
+
+
+def distributed_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables to add for this launcher (empty when nothing is missing).
+
+    Only SLURM needs translating. Under mpirun inside a SLURM allocation SLURM_PROCID
+    is not the MPI rank, so MPI's own variables win and DeepSpeed's MPI discovery runs.
+    """
+    if "RANK" in environ or "SLURM_PROCID" not in environ or any(v in environ for v in MPI_RANK_VARS):
+        return {}
+    env = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
+           "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in environ:
+        env["MASTER_ADDR"] = first_host(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in environ:
+        env["MASTER_PORT"] = DEFAULT_MASTER_PORT
+    return env
+
+
+def process_rank(environ: Mapping[str, str]) -> int:
+    """This process's global rank as its launcher states it (0 for a plain single-process run)."""
+    for var in ("RANK", *MPI_RANK_VARS, "SLURM_PROCID"):
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 0
+
+
+def report_error(error: Exception):
+    """A configuration error, printed once for the job: every rank has the same config, so rank 0 speaks."""
+    if process_rank(os.environ) == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)

@@ -1,0 +1,23 @@
+"""Batch arithmetic: the global batch whatever the world size."""
+import pytest
+
+from nanomoe_ds.data import fit_accumulation, shard
+
+
+@pytest.mark.parametrize("num_micro, world", [(40, 1), (40, 8), (8, 4), (1, 1), (6, 3)])
+def test_global_batch_kept_where_it_divides(num_micro, world):
+    assert fit_accumulation(num_micro, world, 12) == (num_micro, None)
+
+
+@pytest.mark.parametrize("num_micro, world, fitted", [(1, 2, 2), (1, 8, 8), (5, 4, 8), (40, 16, 48), (3, 2, 4)])
+def test_global_batch_rounded_up_and_said(num_micro, world, fitted):
+    got, line = fit_accumulation(num_micro, world, 12)
+    assert got == fitted and got % world == 0 and got >= num_micro
+    assert line.startswith(f"global batch 12x{num_micro} -> 12x{fitted} for {world} ranks")
+
+
+def test_shards_cover_the_global_batch_once():
+    for world in (1, 2, 3, 4):
+        parts = [shard(12, r, world) for r in range(world)]
+        assert sorted(m for p in parts for m in p) == list(range(12))
+        assert len({len(p) for p in parts}) == 1

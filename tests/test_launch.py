@@ -1,0 +1,87 @@
+"""Launchers and failures, with real processes: torchrun, SLURM's variables, 4 ranks, a killed rank, a hung rank."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, tiny_args
+from dist_utils import free_port, loopback_env, start_ranks, train_rows
+
+ZERO2 = str(REPO / "ds_configs/zero2.json")
+
+
+def test_torchrun(char_data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "launch/train.py",
+                        "--deepspeed_config", ZERO2, *tiny_args(char_data, tmp_path, max_iters=2), "--ep_size=2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=loopback_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]
+
+
+def test_srun_variables_alone(char_data, tmp_path):
+    """As `srun --ntasks=2` starts it: only SLURM_* variables, MASTER_ADDR from the node list."""
+    port = free_port()
+    env = {k: v for k, v in loopback_env(MASTER_PORT=port).items() if k != "MASTER_ADDR"}
+    procs = [subprocess.Popen([sys.executable, "launch/train.py", "--deepspeed_config", ZERO2,
+                               *tiny_args(char_data, tmp_path, max_iters=2), "--ep_size=2"], cwd=REPO,
+                              env={**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                   "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "42"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+    assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]
+
+
+def wait_for_iter(out_dir, it: int, procs, timeout: float = 240):
+    """Block until rank 0 has logged training iteration `it`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out_dir / "metrics.jsonl").exists() and any(r["iter"] >= it for r in train_rows(out_dir)):
+            return
+        assert all(p.poll() is None for p in procs), "a rank ended before the fault was injected"
+        time.sleep(0.2)
+    raise AssertionError(f"iteration {it} not reached in {timeout}s")
+
+
+def long_run(char_data, out_dir, **over):
+    return start_ranks(2, ["--deepspeed_config", ZERO2,
+                           *tiny_args(char_data, out_dir, max_iters=100000, eval_interval=100000, **over),
+                           "--ep_size=2"])
+
+
+def test_killed_rank_ends_the_job(char_data, tmp_path):
+    procs = long_run(char_data, tmp_path)
+    try:
+        wait_for_iter(tmp_path, 2, procs)
+        procs[1].kill()
+        t0 = time.time()
+        procs[0].wait(timeout=60)
+        assert time.time() - t0 < 10, "the survivor took too long to notice"
+        assert procs[0].returncode != 0  # a lost rank is a failure, never exit 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
+def test_hung_rank_ends_the_job_after_dist_timeout(char_data, tmp_path):
+    procs = long_run(char_data, tmp_path, dist_timeout=10)
+    try:
+        wait_for_iter(tmp_path, 2, procs)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=90)
+        waited = time.time() - t0
+        assert procs[0].returncode != 0
+        assert waited < 10 + 30, waited
+        assert "a collective waited longer than dist_timeout=10s; another rank is hung or dead" in err, err[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
