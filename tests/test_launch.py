@@ -85,3 +85,26 @@ def test_hung_rank_ends_the_job_after_dist_timeout(char_data, tmp_path):
         for p in procs:
             p.kill()
             p.communicate()
+
+
+def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path):
+    """Two 'nodes' (one rank each), each started by its own `deepspeed --no_ssh --node_rank N`,
+    train and checkpoint as the same 2 ranks started by one launcher."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")  # two names for this machine
+    port, args = free_port(), ["--deepspeed_config", ZERO2, "--ep_size=2"]
+    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2",
+                               "--num_gpus", "1", "--node_rank", str(n), "--master_addr", "127.0.0.1",
+                               "--master_port", str(port), "launch/train.py", *args,
+                               *tiny_args(char_data, tmp_path / "nodes", max_iters=3, eval_interval=3)],
+                              cwd=REPO, env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    one = start_ranks(2, [*args, *tiny_args(char_data, tmp_path / "one", max_iters=3, eval_interval=3)])
+    outs = [p.communicate(timeout=300) for p in one]
+    assert [p.returncode for p in one] == [0, 0], outs[0][1][-3000:]
+    rows_nodes, rows_one = train_rows(tmp_path / "nodes"), train_rows(tmp_path / "one")
+    assert [r["loss"] for r in rows_nodes] == pytest.approx([r["loss"] for r in rows_one], rel=1e-6)
+    experts = sorted(p.name for p in (tmp_path / "nodes" / "iter_3").glob("layer_*expert*"))
+    assert len(experts) == 8  # both nodes wrote their experts into the shared out_dir
