@@ -11,25 +11,30 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanomoe_ds import deepspeed_integration  # noqa: E402  (imports torch, not deepspeed)
-from nanomoe_ds.config import ConfigError, from_argv  # noqa: E402
+from nanomoe_ds.config import ConfigError, build, parse_args  # noqa: E402
 from nanomoe_ds.launch_env import report_error  # noqa: E402
-from nanomoe_ds.trainer import train  # noqa: E402
+from nanomoe_ds.trainer import Diverged, train  # noqa: E402
 
 
 def main(argv):
     try:
-        model_cfg, train_cfg = from_argv(argv)
+        overrides = parse_args(argv)
+        model_cfg, train_cfg = build(overrides)
     except ConfigError as e:
         report_error(e)
         sys.exit(2)
+    given = frozenset(overrides)  # what the preset and command line set, checked against a resumed checkpoint
     if train_cfg.deepspeed_config:
-        code = deepspeed_integration.run(model_cfg, train_cfg)
+        code = deepspeed_integration.run(model_cfg, train_cfg, given)
         deepspeed_integration.shutdown(code)  # ends the process without gloo's exit-time abort
     try:
-        train(model_cfg, train_cfg)
+        train(model_cfg, train_cfg, given=given)
     except ConfigError as e:
         report_error(e)
         sys.exit(2)
+    except Diverged as e:
+        report_error(e)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,12 @@
-"""Single-device checkpoints (`out_dir/ckpt.pt`) and loading a model back for sampling."""
+"""`out_dir/ckpt.pt`: the topology-free training state, and loading a model back for sampling.
+
+Every path writes it: the single-device trainer as its only checkpoint (as nanoGPT),
+the DeepSpeed path next to DeepSpeed's own per-rank files, as the last step of a save.
+It holds whole tensors keyed by parameter name: the fp32 weights, AdamW's moments and
+step, the router bias, plus the iteration, the config and the topology it was saved
+at. So any engine at any world size, `ep_size` or ZeRO stage can resume from it.
+docs/checkpoints.md has the design.
+"""
 from __future__ import annotations
 
 import os
@@ -35,14 +43,76 @@ def save(out_dir: str, payload: dict):
     path = Path(out_dir) / CKPT_NAME
     tmp = path.with_suffix(".pt.tmp")
     torch.save(payload, tmp)
+    with open(tmp, "rb") as f:  # on disk before it replaces the old one
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def load(out_dir: str, map_location="cpu") -> dict:
     path = Path(out_dir) / CKPT_NAME
+    path.with_suffix(".pt.tmp").unlink(missing_ok=True)  # left by a save that was killed
     if not path.exists():
         raise ConfigError(f"no checkpoint at {path}; train first, or check --out_dir")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or overwritten file: zip, pickle or storage errors
+        raise ConfigError(f"cannot read {path}: it is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
+                          "restore it from a copy, or start again with init_from=scratch") from None
+
+
+def topology(engine: str, world_size: int, ep_size: int, zero_stage: int | None, dtype: str) -> dict:
+    """What a checkpoint's layout on disk depends on; recorded in every checkpoint, compared on load."""
+    return {"engine": engine, "world_size": world_size, "ep_size": ep_size, "zero_stage": zero_stage,
+            "dtype": dtype}
+
+
+def describe(topo: dict) -> str:
+    stage = f", ZeRO-{topo['zero_stage']}" if topo["zero_stage"] is not None else ""
+    return f"{topo['engine']} world {topo['world_size']}, ep_size {topo['ep_size']}{stage}, {topo['dtype']}"
+
+
+# Model keys that fix the parameters' shapes: on resume they follow the checkpoint. The
+# others (dropout, aux-loss weights, capacity, kernel, ...) follow the command line.
+SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "use_moe", "num_experts",
+              "moe_every", "num_shared_experts", "expert_hidden", "expert_act")
+
+
+def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str]) -> GPTConfig:
+    """The model config to resume with: shape keys from the checkpoint, refusing any that was given otherwise."""
+    differ = [k for k in SHAPE_KEYS if k in given and getattr(model_cfg, k) != saved_args[k]]
+    if differ:
+        listed = ", ".join(f"{k}={getattr(model_cfg, k)} (checkpoint: {saved_args[k]})" for k in differ)
+        raise ConfigError(f"init_from=resume: {listed} contradict the checkpoint's model; drop them to resume, "
+                          "or train a new model in another out_dir")
+    return GPTConfig(**{**vars(model_cfg), **{k: saved_args[k] for k in SHAPE_KEYS}})
+
+
+def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """AdamW's moments as whole tensors keyed by parameter name, and its step count."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments, step = {}, 0
+    for p, st in optimizer.state.items():
+        if "exp_avg" in st:
+            moments[names[id(p)]] = {"exp_avg": st["exp_avg"].detach().float().cpu().clone(),
+                                 "exp_avg_sq": st["exp_avg_sq"].detach().float().cpu().clone()}
+            step = int(st["step"])
+    return {"step": step, "moments": moments}
+
+
+def load_optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict):
+    """The inverse of optimizer_state_by_name, for a torch AdamW over `model`'s parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            if name not in state["moments"]:
+                continue
+            m = state["moments"][name]
+            # torch keeps `step` as a float32 tensor: on the parameter's device for fused AdamW, else on the CPU.
+            step_device = p.device if group.get("fused") else "cpu"
+            optimizer.state[p] = {"step": torch.tensor(float(state["step"]), dtype=torch.float32, device=step_device),
+                                  "exp_avg": m["exp_avg"].to(p.device, p.dtype).clone(),
+                                  "exp_avg_sq": m["exp_avg_sq"].to(p.device, p.dtype).clone()}
 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:

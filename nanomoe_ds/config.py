@@ -71,6 +71,7 @@ class TrainConfig:
     eval_iters: int = 200
     eval_only: bool = False
     always_save_checkpoint: bool = True
+    keep_last: int = 2  # DeepSpeed checkpoints (iter_N/) kept: the newest and one before it
     init_from: str = "scratch"  # scratch | resume | gpt2[-medium|-large|-xl] | a local HF GPT-2 dir
     log_moe_stats: bool = True
     # wandb
@@ -238,7 +239,7 @@ def validate_model(c: GPTConfig):
 
 def validate_train(t: TrainConfig):
     for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval", "ep_size",
-              "dist_timeout"):
+              "dist_timeout", "keep_last"):
         _check(getattr(t, k) >= 1, f"{k} must be at least 1, got {getattr(t, k)}")
     _check(t.max_iters >= 0, f"max_iters must be >= 0, got {t.max_iters}")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import launch_env, precision
+from . import checkpoint, ds_checkpoint, ds_groups, launch_env, precision
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
 from .expert_parallel import ExpertParallel, shard_experts_
@@ -150,12 +150,9 @@ _SUBCLASSES: dict = {}
 def adopt_moe_(model: GPT, ep_size: int):
     """Make every MoE layer an expert-parallel `deepspeed.moe.layer.MoE`, in place."""
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
-    from deepspeed.utils import groups
 
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    ep_group = groups._get_expert_parallel_group(name)
+    name = ds_groups.group_name(ep_size)
+    ep_group = ds_groups.expert_parallel_group(ep_size)
     ep_rank = dist.get_rank(group=ep_group)
     for m in model.moe_layers():
         cls = type(m)
@@ -172,26 +169,6 @@ def adopt_moe_(model: GPT, ep_size: int):
             m.ep = ExpertParallel(ep_group, ep_size, m.num_experts)
         m.register_state_dict_post_hook(_state_dict_post_hook)
         m.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
-
-
-def full_state_dict(model: GPT) -> dict:
-    """The whole model in single-device naming, fp32, experts gathered over the EP group (collective)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    from deepspeed.utils import groups
-    out = {}
-    for n, p in model.named_parameters(remove_duplicate=False):  # tied weights appear under both names
-        full = safe_get_full_fp32_param(p)
-        full = (p if full is None else full).detach().float().clone()
-        if getattr(p, "allreduce", True) is False and groups._get_expert_parallel_world_size(p.group_name) > 1:
-            g = groups._get_expert_parallel_group(p.group_name)
-            parts = [torch.empty_like(full) for _ in range(dist.get_world_size(g))]
-            dist.all_gather(parts, full, group=g)
-            full = torch.cat(parts)
-        out[n] = full
-    for n, b in model.named_buffers():
-        if n.endswith("score_bias"):
-            out[n] = b.detach().float().clone()
-    return out
 
 
 # ---------------------------------------------------------------- engine adapter
@@ -221,7 +198,7 @@ class DeepSpeedEngine:
         self.engine.step()
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None  # None: this set-up does not compute it
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks; goes through the engine's device, as NCCL only takes GPU tensors."""
@@ -229,24 +206,20 @@ class DeepSpeedEngine:
         dist.all_reduce(x)
         return x.to(t.device)
 
-    def save(self, out_dir: str, state: dict):
-        from .checkpoint import rng_state, save
-        self.engine.save_checkpoint(out_dir, tag=f"iter_{state['iter_num']}", client_state=state)
-        torch.save(rng_state(), os.path.join(out_dir, f"iter_{state['iter_num']}", f"rng_rank{self.rank}.pt"))
-        full = full_state_dict(self.module)  # collective: every rank takes part
-        if self.rank == 0:  # a single-device checkpoint too, so launch/sample.py works on DeepSpeed runs
-            save(out_dir, {**state, "model": full})
+    def topology(self) -> dict:
+        stage = self.engine.zero_optimization_stage()
+        dtype = "bfloat16" if self.engine.bfloat16_enabled() else "float16" if self.engine.fp16_enabled() else "float32"
+        return checkpoint.topology("deepspeed", self.world_size, self.t.ep_size, stage, dtype)
 
-    def load(self, out_dir: str, ckpt: dict | None = None) -> dict:
-        """Load out_dir/latest; `ckpt` is unused (DeepSpeed reads its own files on every rank)."""
-        from .checkpoint import set_rng_state
-        path, state = self.engine.load_checkpoint(out_dir)
-        if path is None:
-            raise ConfigError(f"no DeepSpeed checkpoint in {out_dir}; train first, or check --out_dir")
-        rng = os.path.join(os.path.dirname(path), f"rng_rank{self.rank}.pt")
-        if os.path.exists(rng):
-            set_rng_state(torch.load(rng, weights_only=False))
-        return state
+    def save(self, out_dir: str, state: dict):
+        ds_checkpoint.save(self.engine, self.module, out_dir, state, self.topology(), self.t.keep_last)
+
+    def load(self, out_dir: str, ckpt: dict) -> dict:
+        """Resume from ckpt.pt's save (read by the trainer): DeepSpeed's files, or resharded."""
+        how = ds_checkpoint.load(self.engine, self.module, out_dir, ckpt, self.topology())
+        if self.rank == 0:
+            print(how, flush=True)
+        return ckpt
 
 
 def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
@@ -256,7 +229,6 @@ def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
     grads identical within the expert-data-parallel group. Each expert counts once
     if its squared norm is summed over the expert-parallel group only.
     """
-    from deepspeed.utils import groups
     device = next(model.parameters()).device  # NCCL reduces GPU tensors only
     dense = torch.zeros((), dtype=torch.float64, device=device)
     expert: dict = {}
@@ -266,13 +238,16 @@ def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
             continue
         grads.append(p.grad)
         sq = p.grad.detach().double().square().sum()
-        if getattr(p, "allreduce", True) is False:
-            expert[p.group_name] = expert.get(p.group_name, torch.zeros_like(dense)) + sq
-        else:
+        group = ds_groups.expert_group_of(p)
+        if group is None:  # dense, or experts replicated on every rank (ep_size 1)
             dense += sq
-    for name in sorted(expert):
-        dist.all_reduce(expert[name], group=groups._get_expert_parallel_group(name))
-        dense += expert[name]
+        else:
+            total, _ = expert.get(p.group_name, (torch.zeros_like(dense), group))
+            expert[p.group_name] = (total + sq, group)
+    for name in sorted(expert):  # the same order on every rank
+        total, group = expert[name]
+        dist.all_reduce(total, group=group)
+        dense += total
     norm = dense.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -335,15 +310,18 @@ def set_group_timeout(timeout: datetime.timedelta):
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
-def run(m: GPTConfig, t: TrainConfig) -> int:
+def run(m: GPTConfig, t: TrainConfig, given: frozenset = frozenset()) -> int:
     """Run a DeepSpeed training; return the process's exit code (the entry point ends the process with shutdown)."""
-    from .trainer import train
+    from .trainer import Diverged, train
     try:
-        train(m, t, make_engine_factory(m, t))
+        train(m, t, make_engine_factory(m, t), given)
         return 0
     except ConfigError as e:
         launch_env.report_error(e)
         return 2
+    except Diverged as e:
+        launch_env.report_error(e)
+        return 3
     except BaseException as e:
         import traceback
         traceback.print_exc()

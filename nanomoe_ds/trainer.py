@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -55,7 +57,7 @@ class LocalEngine:
     rank, world_size = 0, 1
 
     def __init__(self, model: GPT, t: TrainConfig, device: str, dtype: torch.dtype):
-        self.module, self.t = model.to(device), t
+        self.module, self.t, self.dtype = model.to(device), t, dtype
         kind = device.split(":")[0]
         self.ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=kind, dtype=dtype)
         # fp16 needs loss scaling against gradient underflow: a GradScaler on CUDA and on
@@ -87,19 +89,65 @@ class LocalEngine:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def topology(self) -> dict:
+        return checkpoint.topology("local", 1, 1, None, str(self.dtype).removeprefix("torch."))
+
     def save(self, out_dir: str, state: dict):
-        checkpoint.save(out_dir, {**state, "model": self.module.state_dict(),
-                                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                                  "rng": checkpoint.rng_state()})
+        checkpoint.save(out_dir, {**state, "model": self.module.state_dict(), "topology": self.topology(),
+                                  "optimizer_state": checkpoint.optimizer_state_by_name(self.module, self.optimizer),
+                                  "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state()})
 
     def load(self, out_dir: str, ckpt: dict | None = None) -> dict:
-        """Restore from `ckpt` (already read by the caller) or from out_dir/ckpt.pt."""
+        """Restore from `ckpt` (already read by the caller) or out_dir/ckpt.pt, saved by any engine."""
         ckpt = ckpt if ckpt is not None else checkpoint.load(out_dir)
         self.module.load_state_dict(ckpt["model"])  # copies into the parameters, on their device
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.load_optimizer_state_by_name(self.module, self.optimizer, ckpt["optimizer_state"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
         return ckpt
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss or gradient norm; nothing of it was saved."""
+
+
+def check_finite(values: dict, iter_num: int, out_dir: str):
+    """Stop at the first NaN/inf, before a save could overwrite the last good checkpoint (None: not known)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise Diverged(f"non-finite {name} ({value}) at iteration {iter_num}: training stopped and nothing of it "
+                           f"was saved (the checkpoint in {out_dir} is the last good state); lower learning_rate "
+                           "or check the data, then resume with --init_from=resume")
+
+
+class Preemption:
+    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at the next step boundary.
+
+    SLURM and Kubernetes preempt with SIGTERM (SLURM can send SIGUSR1 earlier with
+    --signal); Ctrl-C is SIGINT. A second signal stops at once, as without this.
+    Handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # asked twice: stop now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 class MetricsLog:
@@ -171,14 +219,21 @@ def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
     return GPT(m)
 
 
-def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
-    """Run the loop; return the last eval and train numbers (handy for tests)."""
+def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = frozenset()) -> dict:
+    """Run the loop; return the last eval and train numbers (handy for tests).
+
+    `given` names the keys the user set (preset or command line); on resume, a model
+    shape key among them must agree with the checkpoint.
+    """
     data_dir = resolve_data_dir(t.dataset, t.data_dir)
     check_data(data_dir, m.block_size)
     ckpt = None
-    if t.init_from == "resume" and engine_factory is None:  # the checkpoint's model shape wins, as in nanoGPT
+    if t.init_from == "resume":  # the checkpoint's model shape wins, as in nanoGPT, unless given otherwise
         ckpt = checkpoint.load(t.out_dir)
-        m = GPTConfig(**ckpt["model_args"])
+        if "topology" not in ckpt:
+            raise ConfigError(f"{t.out_dir}/ckpt.pt has no topology record (written before checkpoints could be "
+                              "resharded); resume it with the nanomoe_ds that wrote it, or start again")
+        m = checkpoint.resume_model_config(ckpt["model_args"], m, given)
     model = build_model(m, t)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
@@ -208,53 +263,71 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
         print(f"tokens per iteration: {tokens_per_iter:,}", flush=True)
     result: dict = {"train_losses": []}
     t0, running_mfu = time.time(), -1.0
-    while True:
-        lr = get_lr(iter_num, t)
-        if iter_num % t.eval_interval == 0:
-            losses = estimate_loss(engine, batches, t, iter_num)
-            result.update(losses)
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr},
-                f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if losses["val"] < best_val or t.always_save_checkpoint:
-                best_val = min(best_val, losses["val"])
-                if iter_num > 0:
-                    engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val,
-                                            "model_args": asdict(model.config), "config": to_dict(m, t)})
-                    if master:
-                        print(f"saving checkpoint to {t.out_dir}", flush=True)
-        if t.eval_only or iter_num > t.max_iters:
-            break
-        parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
-        for micro in my_micro:
-            x, y = batches.get("train", iter_num, micro)
-            _, loss = engine.forward(x, y)
-            engine.backward(loss)
-            ll = model.last_losses
-            zero = torch.zeros((), device=loss.device)
-            parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
-                                      ll.get("z_loss", zero).float()]))
-        grad_norm = engine.step(lr)
-        if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
-            layers = model.moe_layers()
-            loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
-            for layer, load in zip(layers, loads):
-                layer.update_bias(model.config.bias_update_rate, load)
-        parts = engine.all_reduce(torch.stack(parts).double().sum(0).cpu()) / t.gradient_accumulation_steps
-        result["train_losses"].append(float(parts[0]))
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
-        if iter_num % t.log_interval == 0:
-            if iter_num >= 5:
-                mfu = model.estimate_mfu(t.batch_size * t.gradient_accumulation_steps, dt)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            rec = {"iter": iter_num, "loss": float(parts[0]), "ce_loss": float(parts[1]),
-                   "aux_loss": float(parts[2]), "z_loss": float(parts[3]), "lr": lr, "grad_norm": grad_norm,
-                   "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
-            if str(device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
-                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if t.log_moe_stats and model.moe_layers():
-                rec["moe"] = moe_stats(model)
-            log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "
-                     f"tok/s {rec['tokens_per_sec']:.0f}, mfu {running_mfu * 100:.2f}%")
-        iter_num += 1
+    preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
+    try:
+        while True:
+            lr = get_lr(iter_num, t)
+            if iter_num % t.eval_interval == 0:
+                losses = estimate_loss(engine, batches, t, iter_num)
+                check_finite({"val loss": losses["val"]}, iter_num, t.out_dir)
+                result.update(losses)
+                log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr},
+                    f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if losses["val"] < best_val or t.always_save_checkpoint:
+                    best_val = min(best_val, losses["val"])
+                    if iter_num > 0:
+                        engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val,
+                                                "model_args": asdict(model.config), "config": to_dict(m, t)})
+                        if master:
+                            print(f"saving checkpoint to {t.out_dir}", flush=True)
+            if t.eval_only or iter_num > t.max_iters:
+                break
+            parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
+            for micro in my_micro:
+                x, y = batches.get("train", iter_num, micro)
+                _, loss = engine.forward(x, y)
+                engine.backward(loss)
+                ll = model.last_losses
+                zero = torch.zeros((), device=loss.device)
+                parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
+                                          ll.get("z_loss", zero).float()]))
+            grad_norm = engine.step(lr)
+            if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
+                layers = model.moe_layers()
+                loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
+                for layer, load in zip(layers, loads):
+                    layer.update_bias(model.config.bias_update_rate, load)
+            # One all-reduce per step carries the losses and whether any rank was asked to stop,
+            # so every rank stops (and saves) at the same step boundary.
+            stop_flag = torch.tensor([float(preemption.requested is not None)], dtype=torch.float64)
+            reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0).cpu(), stop_flag]))
+            parts, stop_requested = reduced[:4] / t.gradient_accumulation_steps, bool(reduced[4] > 0)
+            check_finite({"loss": float(parts[0]), "gradient norm": grad_norm}, iter_num, t.out_dir)  # before any save
+            result["train_losses"].append(float(parts[0]))
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            if iter_num % t.log_interval == 0:
+                if iter_num >= 5:
+                    mfu = model.estimate_mfu(t.batch_size * t.gradient_accumulation_steps, dt)
+                    running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                rec = {"iter": iter_num, "loss": float(parts[0]), "ce_loss": float(parts[1]),
+                       "aux_loss": float(parts[2]), "z_loss": float(parts[3]), "lr": lr, "grad_norm": grad_norm,
+                       "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
+                if str(device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if t.log_moe_stats and model.moe_layers():
+                    rec["moe"] = moe_stats(model)
+                log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "
+                         f"tok/s {rec['tokens_per_sec']:.0f}, mfu {running_mfu * 100:.2f}%")
+            iter_num += 1
+            if stop_requested:  # preempted: save where the next iteration starts, then leave the loop
+                engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val,
+                                        "model_args": asdict(model.config), "config": to_dict(m, t)})
+                if master:
+                    print(f"stopped by {preemption.requested or 'a signal to another rank'} before iteration "
+                          f"{iter_num}; checkpoint saved to {t.out_dir}; continue with --init_from=resume", flush=True)
+                result["stopped_by_signal"] = True
+                break
+    finally:
+        preemption.restore()
     return result

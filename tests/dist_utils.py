@@ -54,3 +54,13 @@ def run_ranks(n: int, argv: list[str], timeout: float = 240) -> list[subprocess.
 
 def train_rows(out_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, open(Path(out_dir) / "metrics.jsonl")) if "loss" in r]
+
+
+def ds_json(tmp_path, name="zero2", bf16=False, **top) -> str:
+    """A shipped DeepSpeed JSON with bf16 on or off (fp32 for exact comparisons), written to tmp_path."""
+    cfg = json.load(open(REPO / "ds_configs" / f"{name}.json"))
+    cfg["bf16"] = {"enabled": bf16}
+    cfg.update(top)
+    path = Path(tmp_path) / f"{name}_{'bf16' if bf16 else 'fp32'}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)

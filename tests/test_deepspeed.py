@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_args
-from dist_utils import loopback_env, run_ranks, train_rows, free_port
+from dist_utils import ds_json, free_port, loopback_env, run_ranks, train_rows
 
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.deepspeed_integration import reconcile
@@ -19,15 +19,6 @@ from nanomoe_ds.trainer import train
 # A tiny MoE GPT whose clipping threshold (0.5) sits below its gradient norm (~1.5):
 # every step below is clipped, so a wrong global norm would show in the weights.
 COMMON = dict(max_iters=4, eval_interval=4, grad_clip=0.5, num_experts=4, num_experts_per_tok=2)
-
-
-def ds_json(tmp_path, name="zero2", bf16=False, **top) -> str:
-    cfg = json.load(open(REPO / "ds_configs" / f"{name}.json"))
-    cfg["bf16"] = {"enabled": bf16}
-    cfg.update(top)
-    path = tmp_path / f"{name}_{'bf16' if bf16 else 'fp32'}.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 def run_ds(ranks, tmp_path, char_data, out, json_path, **over):
