@@ -196,3 +196,31 @@ def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topolog
             assert loss == pytest.approx(full[it], rel=1e-6)
         else:
             assert loss == full[it]  # bit for bit
+
+
+@pytest.mark.parametrize("victim, delay", [(0, 0.0), (0, 0.15), (1, 0.05), (1, 0.3)])
+def test_kill_during_saves_then_resume_from_newest_complete(char_data, tmp_path, victim, delay):
+    """A save every iteration, so a kill -9 at these moments usually lands inside one. Whatever
+    it hits, resume works, from the newest checkpoint whose files all exist."""
+    import time
+    from dist_utils import start_ranks
+    args = ["--deepspeed_config", ds_json(tmp_path, "zero2"),
+            *tiny_args(char_data, tmp_path / "run", **{**OVER, "max_iters": 1000, "eval_interval": 1}), "--ep_size=2"]
+    procs = start_ranks(2, args)
+    try:
+        wait_for_iter(tmp_path / "run", 3, procs)
+        time.sleep(delay)
+        procs[victim].kill()
+        procs[1 - victim].wait(timeout=60)  # the survivor's collectives fail: it ends too
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    committed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["iter_num"]
+    resume = [a if not a.startswith("--max_iters") else f"--max_iters={committed + 1}" for a in args]
+    res = run_ranks(2, [*resume, "--init_from=resume"])
+    assert [r.returncode for r in res] == [0, 0], res[0].stderr[-3000:]
+    assert f"resuming from iter_{committed} (DeepSpeed's files, same topology)" in res[0].stdout
+    assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    dirs = sorted(p.name for p in (tmp_path / "run").glob("iter_*"))
+    assert len(dirs) <= OVER.get("keep_last", 2), dirs  # pruned, incomplete ones included
