@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint, precision
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
-from .data import Batches, check_data, load_meta, resolve_data_dir, shard
+from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
 
 
@@ -165,8 +165,9 @@ def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
             raise ConfigError(f"init_from={t.init_from} loads a dense GPT-2; drop use_moe=True to fine-tune it")
         return GPT.from_pretrained(t.init_from, {"dropout": m.dropout})
     meta = load_meta(resolve_data_dir(t.dataset, t.data_dir))
-    if meta is not None and m.vocab_size == GPTConfig.vocab_size:
-        m.vocab_size = meta["vocab_size"]  # nanoGPT: take the vocab from the prepared data
+    m.vocab_size, why = choose_vocab(meta, m.vocab_size, GPTConfig.vocab_size)  # nanoGPT: the data's vocab
+    if why and int(os.environ.get("RANK", "0")) == 0:
+        print(why, flush=True)
     torch.manual_seed(t.seed)
     return GPT(m)
 
@@ -180,6 +181,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
         ckpt = checkpoint.load(t.out_dir)
         m = GPTConfig(**ckpt["model_args"])
     model = build_model(m, t)
+    check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
     if int(os.environ.get("RANK", "0")) == 0:  # before experts are sharded: whole-model counts
