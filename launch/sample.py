@@ -8,12 +8,8 @@ from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from nanomoe_ds import checkpoint  # noqa: E402
+# torch and the model are imported in main, after the arguments are checked: a bad one is refused at once.
 from nanomoe_ds.config import ArgumentParser, ConfigError  # noqa: E402
-from nanomoe_ds.data import load_meta, resolve_data_dir  # noqa: E402
-from nanomoe_ds.model import GPT  # noqa: E402
 
 
 def parse(argv):
@@ -26,7 +22,7 @@ def parse(argv):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="", help="default: cuda if there is one, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", type=lambda s: s == "True", default=False)
     # nanoGPT users type --key=value; argparse already accepts that form.
@@ -47,6 +43,7 @@ def parse(argv):
 
 def load_codec(ckpt):
     """Char-level codec from the dataset's meta.pkl, else GPT-2 BPE."""
+    from nanomoe_ds.data import load_meta, resolve_data_dir
     if ckpt is not None and "config" in ckpt:
         cfg = ckpt["config"]
         data_dir = resolve_data_dir(cfg["dataset"], cfg.get("data_dir", ""))
@@ -68,6 +65,20 @@ def load_codec(ckpt):
 
 def main(argv):
     a = parse(argv)
+    start = a.start
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--start={a.start}: cannot read it as UTF-8 text "
+                              f"({getattr(e, 'strerror', None) or e})") from None
+        if not start:  # the model needs at least one token to continue from
+            raise ConfigError(f"--start={a.start}: the file is empty; give a prompt to continue from")
+    import torch
+    from nanomoe_ds import checkpoint
+    from nanomoe_ds.model import GPT
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(a.seed)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device={a.device} but CUDA is not available here; use --device=cpu")
@@ -81,12 +92,6 @@ def main(argv):
     if a.compile:
         model = torch.compile(model)
     encode, decode = load_codec(ckpt)
-    start = a.start
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-        if not start:  # the model needs at least one token to continue from
-            raise ConfigError(f"--start={a.start}: the file is empty; give a prompt to continue from")
     x = torch.tensor(encode(start), dtype=torch.long, device=a.device)[None, ...]
     kind = a.device.split(":")[0]
     ctx = nullcontext() if a.dtype == "float32" else torch.autocast(device_type=kind, dtype=getattr(torch, a.dtype))
