@@ -16,6 +16,22 @@ def die(msg):
     sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line too, not a usage block."""
+
+    def error(self, message):
+        die(message)
+
+
+def check_out_dir(path):
+    """Die before any work if `path` cannot be made a directory (a file sits at it or above it)."""
+    here = os.path.abspath(path)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        die(f"--out_dir {path} cannot be made: {here} is a file, not a directory; choose another --out_dir")
+
+
 def first_line(e):
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -61,12 +77,14 @@ def read_text(path):
 
 def parse_input_args(argv, description, here, outputs):
     """--input PATH (default: input.txt downloaded next to the script) and --out_dir DIR."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--input", metavar="PATH",
                    help="local copy of input.txt (default: download it next to this script)")
     p.add_argument("--out_dir", default=here,
                    help=f"where {outputs} go (default: this script's folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_out_dir(args.out_dir)
+    return args
 
 
 def input_path(arg, here, url, sha256=None):

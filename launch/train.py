@@ -10,10 +10,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanomoe_ds import deepspeed_integration  # noqa: E402  (imports torch, not deepspeed)
+# Only the config and the launcher's variables here: neither imports torch, so a bad
+# argument is refused in a fraction of a second rather than after torch's import.
 from nanomoe_ds.config import ConfigError, build, parse_args  # noqa: E402
 from nanomoe_ds.launch_env import report_error  # noqa: E402
-from nanomoe_ds.trainer import Diverged, train  # noqa: E402
 
 
 def main(argv):
@@ -24,6 +24,8 @@ def main(argv):
         report_error(e)
         sys.exit(2)
     given = frozenset(overrides)  # what the preset and command line set, checked against a resumed checkpoint
+    from nanomoe_ds import deepspeed_integration
+    from nanomoe_ds.trainer import Diverged, train
     if train_cfg.deepspeed_config:
         code = deepspeed_integration.run(model_cfg, train_cfg, given)
         deepspeed_integration.shutdown(code)  # ends the process without gloo's exit-time abort

@@ -7,6 +7,7 @@ a typo or an impossible value stops the run with one line before any compute.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -19,6 +20,18 @@ from dataclasses import dataclass
 
 class ConfigError(ValueError):
     """A bad configuration value; its message is a single actionable line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the side scripts (sample, benchmarks): a bad argument is one `error: ...` line, exit 2,
+    like every other refusal, instead of a usage block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 GATES = ("softmax_topk", "topk_softmax", "sigmoid")
@@ -144,6 +157,8 @@ def coerce(key: str, value):
         value = float(value)
     if type(value) is not want:  # bool is an int subclass: be strict on purpose
         raise ConfigError(f"--{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    if want is float and not math.isfinite(value):  # 1e999 parses as inf; no setting means infinity or NaN
+        raise ConfigError(f"--{key}: {value!r} is not a finite number")
     return value
 
 
@@ -200,6 +215,7 @@ def build(overrides: dict) -> tuple[GPTConfig, TrainConfig]:
     train = TrainConfig(**{k: v for k, v in overrides.items() if k in TRAIN_KEYS})
     validate_model(model)
     validate_train(train)
+    validate_parallelism(model, train)
     return model, train
 
 
@@ -241,7 +257,13 @@ def validate_train(t: TrainConfig):
     for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval", "ep_size",
               "dist_timeout", "keep_last"):
         _check(getattr(t, k) >= 1, f"{k} must be at least 1, got {getattr(t, k)}")
-    _check(t.max_iters >= 0, f"max_iters must be >= 0, got {t.max_iters}")
+    for k in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "seed"):  # numpy refuses negative seeds
+        _check(getattr(t, k) >= 0, f"{k} must be >= 0, got {getattr(t, k)}")
+    for k in ("beta1", "beta2"):  # AdamW's moving averages: a coefficient of 1 or more never forgets, and diverges
+        _check(0 <= getattr(t, k) < 1, f"{k} must be in [0, 1), got {getattr(t, k)}")
+    blocker = _file_in_the_way(t.out_dir)
+    _check(blocker is None, f"out_dir '{t.out_dir}' cannot be made: '{blocker}' is a file, not a directory; "
+                            "choose another --out_dir")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
     _check(t.init_from in ("scratch", "resume") or t.init_from.startswith("gpt2") or os.path.isdir(t.init_from),
@@ -254,6 +276,24 @@ def validate_train(t: TrainConfig):
     dev = t.device
     _check(dev in ("cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            f"unknown device '{dev}'; use cpu, cuda, cuda:N or mps")
+
+
+def validate_parallelism(m: GPTConfig, t: TrainConfig):
+    """Settings that only make sense together; the world size is checked once the ranks exist."""
+    if t.ep_size == 1:
+        return
+    _check(m.use_moe, f"ep_size={t.ep_size} needs use_moe=True")
+    _check(bool(t.deepspeed_config), f"ep_size={t.ep_size} needs DeepSpeed: expert parallelism spreads experts over "
+                                     "ranks; add --deepspeed_config ds_configs/zero2.json and start it with a launcher")
+    _check(m.num_experts % t.ep_size == 0, f"num_experts ({m.num_experts}) must be divisible by ep_size ({t.ep_size})")
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The existing non-directory that would stop `os.makedirs(path)`, if there is one."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
 
 
 def to_dict(model: GPTConfig, train: TrainConfig) -> dict:

@@ -30,17 +30,56 @@ def check_data(data_dir: Path, block_size: int):
         f = data_dir / f"{split}.bin"
         if not f.exists():
             raise ConfigError(f"missing {f}; run data/{data_dir.name}/prepare.py first")
-        n = f.stat().st_size // 2
+        size = f.stat().st_size
+        if size % 2:  # uint16 ids are two bytes each: an odd size is a truncated or foreign file
+            raise ConfigError(f"{f} has an odd number of bytes ({size:,}), so it is not uint16 token ids; "
+                              f"re-run data/{data_dir.name}/prepare.py")
+        n = size // 2
         if n <= block_size + 1:
             raise ConfigError(f"{f} holds {n} tokens, fewer than block_size+2 ({block_size + 2})")
 
 
 def load_meta(data_dir: Path) -> dict | None:
+    """The dataset's meta.pkl (vocab_size, and stoi/itos for char-level data); None if there is none."""
     path = data_dir / "meta.pkl"
     if not path.exists():
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    except Exception as e:  # unpickling can raise almost anything on a damaged file
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); "
+                          f"re-run data/{data_dir.name}/prepare.py") from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if type(vocab) is not int or vocab < 1:
+        raise ConfigError(f"{path} has no positive integer vocab_size (got {vocab!r}); "
+                          f"re-run data/{data_dir.name}/prepare.py")
+    return meta
+
+
+def choose_vocab(meta: dict | None, configured: int, default: int) -> tuple[int, str | None]:
+    """The model's vocab_size, and a line saying where it came from when the data did not give it.
+
+    As nanoGPT: meta.pkl's vocab wins over the default; an explicit vocab_size wins over both.
+    Without meta.pkl the default is GPT-2's vocab, right for GPT-2-token data (openwebtext,
+    shakespeare) and far too large for a small vocab: hence the line.
+    """
+    if configured != default:
+        return configured, None
+    if meta is not None:
+        return meta["vocab_size"], None
+    return default, (f"no meta.pkl with the data: assuming GPT-2 tokens, vocab_size {default} "
+                     f"(50257 rounded up to a multiple of 64); pass --vocab_size to change it")
+
+
+def check_tokens_fit(data_dir: Path, vocab_size: int):
+    """Refuse data whose largest token id has no row in the embedding (it would fail mid-forward)."""
+    for split in SPLITS:
+        f = data_dir / f"{split}.bin"
+        top = int(np.memmap(f, dtype=np.uint16, mode="r").max())  # one pass over the file, once per run
+        if top >= vocab_size:
+            raise ConfigError(f"{f} holds token id {top}, but vocab_size is {vocab_size}; the data and its "
+                              f"meta.pkl (or --vocab_size) disagree: re-run data/{data_dir.name}/prepare.py")
 
 
 class Batches:

@@ -33,13 +33,27 @@ DS_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."  # the key pattern 
 
 # ---------------------------------------------------------------- JSON config
 def load_ds_config(path: str) -> dict:
+    """The JSON as a dict, its blocks checked to be objects (reconcile reads into them)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            ds = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"--deepspeed_config: no such file '{path}'; see ds_configs/") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--deepspeed_config: '{path}' is a directory; give a JSON file such as "
+                          "ds_configs/zero2.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--deepspeed_config: '{path}' is not valid JSON ({e})") from None
+    for block in ("", "zero_optimization", "optimizer", "optimizer.params", "scheduler", "scheduler.params",
+                  "bf16", "fp16"):
+        value = ds
+        for key in filter(None, block.split(".")):
+            value = value.get(key, {})
+        if not isinstance(value, dict):
+            where = f'"{block}"' if block else "the top level"
+            raise ConfigError(f"--deepspeed_config: {where} of '{path}' must be a JSON object {{...}}, "
+                              f"got {type(value).__name__} {json.dumps(value)[:40]}")
+    return ds
 
 
 def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_kind: str,

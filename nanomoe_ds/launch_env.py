@@ -2,7 +2,8 @@
 
 torch.distributed reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 The `deepspeed` launcher and torchrun set them; under mpirun DeepSpeed discovers
-them through MPI itself. SLURM's `srun` sets only its own variables, so
+them through MPI itself, unless the user set MASTER_ADDR (then Open MPI's variables
+are translated, so that address and MASTER_PORT stand). SLURM's `srun` sets only its own variables, so
 `distributed_env` translates those (as torchtitan and Lightning do) when the usual
 ones are missing. Pure functions of an environment mapping, so tests pass any.
 """
@@ -30,15 +31,36 @@ def first_host(nodelist: str) -> str:
 def distributed_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The torch.distributed variables to add for this launcher (empty when nothing is missing).
 
-    Only SLURM needs translating. Under mpirun inside a SLURM allocation SLURM_PROCID
-    is not the MPI rank, so MPI's own variables win and DeepSpeed's MPI discovery runs.
+    SLURM's always, Open MPI's where the user set MASTER_ADDR. Under mpirun inside a SLURM
+    allocation SLURM_PROCID is not the MPI rank, so MPI's own variables win.
     """
-    if "RANK" in environ or "SLURM_PROCID" not in environ or any(v in environ for v in MPI_RANK_VARS):
+    if "RANK" in environ:
+        return {}
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        return _open_mpi_env(environ)
+    if "SLURM_PROCID" not in environ or any(v in environ for v in MPI_RANK_VARS):
         return {}
     env = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
     if "MASTER_ADDR" not in environ:
         env["MASTER_ADDR"] = first_host(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in environ:
+        env["MASTER_PORT"] = DEFAULT_MASTER_PORT
+    return env
+
+
+def _open_mpi_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Under Open MPI's mpirun, with MASTER_ADDR set by the user: the ranks from Open MPI's variables.
+
+    DeepSpeed's MPI discovery runs when RANK is missing, and it overwrites MASTER_ADDR with
+    rank 0's first network address and MASTER_PORT with 29500. A user who exported
+    MASTER_ADDR (`mpirun -x MASTER_ADDR=...`) chose the address, so discovery is skipped;
+    without it, discovery finds rank 0's host, which multi-node runs need.
+    """
+    if "MASTER_ADDR" not in environ:
+        return {}
+    env = {"RANK": environ["OMPI_COMM_WORLD_RANK"], "WORLD_SIZE": environ.get("OMPI_COMM_WORLD_SIZE", "1"),
+           "LOCAL_RANK": environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")}
     if "MASTER_PORT" not in environ:
         env["MASTER_PORT"] = DEFAULT_MASTER_PORT
     return env

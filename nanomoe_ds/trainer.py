@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, precision
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
-from .data import Batches, check_data, load_meta, resolve_data_dir, shard
+from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
 
 
@@ -213,8 +213,9 @@ def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
             raise ConfigError(f"init_from={t.init_from} loads a dense GPT-2; drop use_moe=True to fine-tune it")
         return GPT.from_pretrained(t.init_from, {"dropout": m.dropout})
     meta = load_meta(resolve_data_dir(t.dataset, t.data_dir))
-    if meta is not None and m.vocab_size == GPTConfig.vocab_size:
-        m.vocab_size = meta["vocab_size"]  # nanoGPT: take the vocab from the prepared data
+    m.vocab_size, why = choose_vocab(meta, m.vocab_size, GPTConfig.vocab_size)  # nanoGPT: the data's vocab
+    if why and int(os.environ.get("RANK", "0")) == 0:
+        print(why, flush=True)
     torch.manual_seed(t.seed)
     return GPT(m)
 
@@ -235,6 +236,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
                               "resharded); resume it with the nanomoe_ds that wrote it, or start again")
         m = checkpoint.resume_model_config(ckpt["model_args"], m, given)
     model = build_model(m, t)
+    check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
     if int(os.environ.get("RANK", "0")) == 0:  # before experts are sharded: whole-model counts

@@ -64,7 +64,7 @@ def test_preset_with_unknown_key(tmp_path):
 
 def test_deepspeed_launcher_args_are_accepted():
     # deepspeed passes --local_rank=N, and users type "--deepspeed_config path" with a space
-    m, t = from_argv(["--local_rank=0", "--deepspeed_config", "ds_configs/zero2.json", "--ep_size=2"])
+    m, t = from_argv(["--local_rank=0", "--deepspeed_config", "ds_configs/zero2.json", "--ep_size=2", "--use_moe=True"])
     assert (t.local_rank, t.deepspeed_config, t.ep_size) == (0, "ds_configs/zero2.json", 2)
 
 

