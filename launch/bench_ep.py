@@ -202,9 +202,9 @@ def _isolated_exchange(model, t, repeats: int = 30) -> float:
     at this run's sizes with an even split. The floor the exchange could cost here."""
     import torch
     import torch.distributed as dist
-    from deepspeed.utils import groups
+    from nanomoe_ds import ds_groups
     layers = model.moe_layers()
-    group = groups._get_expert_parallel_group(f"ep_size_{t.ep_size}")
+    group = ds_groups.expert_parallel_group(t.ep_size)
     rows = t.batch_size * model.config.block_size * model.config.num_experts_per_tok
     dtype = next(model.parameters()).dtype
     x = torch.randn(rows, model.config.n_embd).to(dtype)

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from . import checkpoint, ds_checkpoint, ds_groups, launch_env, precision
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
-from .expert_parallel import ExpertParallel, shard_experts_
+from .expert_parallel import parallelize_experts_
 from .model import GPT
+from .moe import EXPERT_PARAMS
 
-EXPERT_PARAMS = ("w_in", "w_gate", "b_in", "w_out", "b_out")
 DS_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."  # the key pattern DeepSpeed's MoE checkpointing expects
 
 
@@ -167,7 +167,6 @@ def adopt_moe_(model: GPT, ep_size: int):
 
     name = ds_groups.group_name(ep_size)
     ep_group = ds_groups.expert_parallel_group(ep_size)
-    ep_rank = dist.get_rank(group=ep_group)
     for m in model.moe_layers():
         cls = type(m)
         if cls not in _SUBCLASSES:
@@ -176,11 +175,10 @@ def adopt_moe_(model: GPT, ep_size: int):
         m.__class__ = _SUBCLASSES[cls]
         m.ep_size, m.num_local_experts = ep_size, m.num_experts // ep_size
         m.expert_group_name, m.enable_expert_tensor_parallelism, m.use_residual = name, False, False
-        shard_experts_(m, ep_rank, ep_size)
+        if ep_size > 1:
+            parallelize_experts_(m, ep_group, ep_size)
         for p in m.experts.parameters():
             p.allreduce, p.group_name = False, name  # reduced over the expert-data-parallel group only
-        if ep_size > 1:
-            m.ep = ExpertParallel(ep_group, ep_size, m.num_experts)
         m.register_state_dict_post_hook(_state_dict_post_hook)
         m.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
 

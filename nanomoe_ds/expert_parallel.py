@@ -1,10 +1,12 @@
 """Expert parallelism: shard a MoE layer's experts over ranks, move tokens by all-to-all.
 
 This is the only difference between the single-device and the expert-parallel
-MoE: `MoE.forward` permutes tokens by expert as always, then hands them to
-`ExpertParallel.run` instead of calling the experts directly. It uses plain
-torch.distributed on whatever process group it is given; the DeepSpeed module
-supplies DeepSpeed's expert-parallel group.
+MoE. `parallelize_experts_` replaces a layer's `GroupedExperts` with an
+`ExpertParallelExperts` that holds this rank's slice of the same weights and has the
+same `forward(xs, counts)`: rows of *every* expert in, their outputs out. So
+`MoE.forward` neither knows nor branches (as torchtitan applies parallelism from
+outside the model). It uses plain torch.distributed on the process group it is
+given; the DeepSpeed module supplies DeepSpeed's expert-parallel group.
 
 Ranks r of an EP group of size P hold experts [r*E/P, (r+1)*E/P). One exchange:
   1. all_to_all the per-expert counts, so each rank knows what it will receive;
@@ -19,19 +21,30 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn as nn
 
 from .dispatch import gather_rows
-from .moe import MoE
+from .moe import EXPERT_PARAMS, GroupedExperts, MoE
 
 
-class ExpertParallel:
-    def __init__(self, group, ep_size: int, num_experts: int):
+class ExpertParallelExperts(GroupedExperts):
+    """This rank's experts of a GroupedExperts sharded over `group`; the same interface as the whole."""
+
+    def __init__(self, experts: GroupedExperts, group, ep_size: int):
+        nn.Module.__init__(self)
+        if experts.num_experts % ep_size:
+            raise ValueError(f"num_experts ({experts.num_experts}) must be divisible by ep_size ({ep_size})")
         self.group, self.ep_size = group, ep_size
-        self.num_local = num_experts // ep_size
+        self.num_experts = experts.num_experts // ep_size  # local: what the expert math loops over
+        self.act, self.impl, self._kernel_for = experts.act, experts.impl, {}
+        start = dist.get_rank(group) * self.num_experts
+        for name in EXPERT_PARAMS:  # the slice of the full, seeded init; the same parameter names
+            p = getattr(experts, name)
+            setattr(self, name, None if p is None else nn.Parameter(p.data[start:start + self.num_experts].clone()))
 
-    def run(self, experts, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs: [N, d] rows sorted by global expert id; counts: [E] -> expert outputs for xs' rows."""
-        P, L = self.ep_size, self.num_local
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs: [N, d] rows sorted by global expert id; counts: [E] global -> the experts' outputs for xs' rows."""
+        P, L = self.ep_size, self.num_experts
         send = counts.view(P, L)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # recv[s, e]: rows from rank s for local expert e
@@ -40,18 +53,12 @@ class ExpertParallel:
                                            out_splits, in_splits, group=self.group)
         local_expert = torch.repeat_interleave(torch.arange(L, device=xs.device).repeat(P), recv.reshape(-1))
         by_expert = torch.argsort(local_expert, stable=True)  # (source, expert) -> (expert, source)
-        y_local = experts(gather_rows(x_recv, by_expert), recv.sum(0))
+        y_local = super().forward(gather_rows(x_recv, by_expert), recv.sum(0))
         y_recv = torch.empty_like(y_local).index_copy(0, by_expert, y_local)
         return dist_fn.all_to_all_single(y_recv.new_empty(xs.shape[0], y_recv.shape[-1]), y_recv,
                                          in_splits, out_splits, group=self.group)
 
 
-def shard_experts_(moe: MoE, ep_rank: int, ep_size: int):
-    """Keep this rank's slice of the stacked expert weights (of the full, seeded init) in place."""
-    ex = moe.experts
-    if moe.num_experts % ep_size:
-        raise ValueError(f"num_experts ({moe.num_experts}) must be divisible by ep_size ({ep_size})")
-    L = moe.num_experts // ep_size
-    for name, p in list(ex.named_parameters(recurse=False)):
-        setattr(ex, name, torch.nn.Parameter(p.data[ep_rank * L:(ep_rank + 1) * L].clone()))
-    ex.num_experts = L
+def parallelize_experts_(moe: MoE, group, ep_size: int):
+    """Shard `moe`'s experts over the ranks of `group` (collective-free; call on every rank)."""
+    moe.experts = ExpertParallelExperts(moe.experts, group, ep_size)

@@ -1,9 +1,10 @@
 """The Mixture-of-Experts MLP: router, stacked experts and the layer that joins them.
 
-One implementation serves every path. On a single device `self.ep` is None; the
-expert-parallel module (expert_parallel.py) sets it to an exchange object that
-moves the permuted tokens to the ranks owning their experts and back. Nothing
-else changes, which is what the EP-vs-single-device equivalence tests check.
+One implementation serves every path. Under expert parallelism,
+expert_parallel.py swaps a layer's `experts` for a sharded module with the same
+`forward(xs, counts)` that moves the permuted tokens to the ranks owning their
+experts and back. Nothing else changes, which is what the EP-vs-single-device
+equivalence tests check.
 
 Ideas credited to: Switch Transformer (aux loss, jitter, capacity), ST-MoE
 (z-loss), Mixtral (softmax-then-top-k), DeepSeekMoE/V3 (shared experts, sigmoid
@@ -13,6 +14,7 @@ experts with a grouped GEMM over expert-sorted tokens).
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -58,6 +60,19 @@ class Router(nn.Module):
                 w = scores.gather(-1, topk_idx)
                 w = w / w.sum(-1, keepdim=True)
         return topk_idx, w, logits, probs
+
+
+EXPERT_PARAMS = ("w_in", "w_gate", "w_out", "b_in", "b_out")  # stacked [E, ...]; absent ones are None
+
+
+class Experts(Protocol):
+    """What MoE.forward calls: rows grouped by expert in, one output row per input row out.
+
+    Implemented by GroupedExperts (all experts here) and
+    expert_parallel.ExpertParallelExperts (experts sharded over ranks).
+    """
+
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor: ...
 
 
 class GroupedExperts(nn.Module):
@@ -212,7 +227,6 @@ class MoE(nn.Module):
         self.shared_mlp = (MLP(cfg.n_embd, cfg.num_shared_experts * cfg.expert_hidden, cfg.bias)
                            if cfg.num_shared_experts else None)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.ep = None  # an exchange (expert_parallel.py) when experts are sharded over ranks
         self.aux_loss = self.z_loss = None  # set by each training forward
         self._last_routing = None  # (tokens per expert, drop fraction) of the last forward
         # Token counts per expert since the last bias update (aux-loss-free balancing).
@@ -231,10 +245,7 @@ class MoE(nn.Module):
         cap = capacity(xt.shape[0], self.k, self.num_experts, self.capacity_factor())
         perm = permute(topk_idx, topk_w, self.num_experts, cap, self.cfg.capacity_priority)
         xs = xt[perm.token_idx]
-        if self.ep is None:
-            ys = self.experts(xs, perm.counts)
-        else:
-            ys = self.ep.run(self.experts, xs, perm.counts)
+        ys = self.experts(xs, perm.counts)  # local, or sharded over ranks (expert_parallel.py): the same call
         out = unpermute(ys, perm, topk_w).to(x.dtype)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(xt)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from dist_utils import free_port
 
 from nanomoe_ds.config import GPTConfig
-from nanomoe_ds.expert_parallel import ExpertParallel, shard_experts_
+from nanomoe_ds.expert_parallel import parallelize_experts_
 from nanomoe_ds.moe import MoE
 
 E, D, WORLD = 4, 8, 2
@@ -53,8 +53,7 @@ def worker(rank, port, case, out_path):
         dist.init_process_group("gloo", rank=rank, world_size=WORLD)
         layer = make_layer()
         skew(layer, case)
-        shard_experts_(layer, rank, WORLD)
-        layer.ep = ExpertParallel(dist.group.WORLD, WORLD, E)
+        parallelize_experts_(layer, dist.group.WORLD, WORLD)
         x = tokens(case, rank).requires_grad_()
         y = layer(x)
         (y.square().sum() * (rank + 1)).backward()
