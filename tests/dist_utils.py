@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +65,14 @@ def ds_json(tmp_path, name="zero2", bf16=False, **top) -> str:
     path = Path(tmp_path) / f"{name}_{'bf16' if bf16 else 'fp32'}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+def wait_for_iter(out_dir, it: int, procs, timeout: float = 240):
+    """Block until rank 0 has logged training iteration `it` (to inject a fault mid-run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (Path(out_dir) / "metrics.jsonl").exists() and any(r["iter"] >= it for r in train_rows(out_dir)):
+            return
+        assert all(p.poll() is None for p in procs), "a rank ended before the fault was injected"
+        time.sleep(0.1)
+    raise AssertionError(f"iteration {it} not reached in {timeout}s")

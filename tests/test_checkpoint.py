@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_args
-from dist_utils import ds_json, run_ranks, train_rows
+from dist_utils import ds_json, run_ranks, start_ranks, train_rows, wait_for_iter
 
 from nanomoe_ds import checkpoint
 from nanomoe_ds.config import ConfigError, GPTConfig, from_argv
@@ -151,23 +151,11 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path
     assert digest(tmp_path / "run") == before  # ckpt.pt, latest and every iter_N file untouched
 
 
-def wait_for_iter(out_dir, it: int, procs, timeout: float = 240):
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (out_dir / "metrics.jsonl").exists() and any(r["iter"] >= it for r in train_rows(out_dir)):
-            return
-        assert all(p.poll() is None for p in procs), "a rank ended early"
-        time.sleep(0.1)
-    raise AssertionError(f"iteration {it} not reached in {timeout}s")
-
-
 @pytest.mark.parametrize("topology, signal_rank", [("local", 0), ("w2ep2-zero2", 1)])
 def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topology, signal_rank):
     """SIGTERM to one rank mid-run: every rank finishes the step and saves; the resumed run
     takes the uninterrupted run's steps (bit for bit on one device, 1e-6 under DeepSpeed)."""
     import signal
-    from dist_utils import start_ranks
     run_at(topology, char_data, tmp_path / "full", tmp_path, max_iters=14, eval_interval=100)
     full = {r["iter"]: r["loss"] for r in train_rows(tmp_path / "full")}
     ranks, ep_size, json_name = TOPOLOGIES[topology]
@@ -203,7 +191,6 @@ def test_kill_during_saves_then_resume_from_newest_complete(char_data, tmp_path,
     """A save every iteration, so a kill -9 at these moments usually lands inside one. Whatever
     it hits, resume works, from the newest checkpoint whose files all exist."""
     import time
-    from dist_utils import start_ranks
     args = ["--deepspeed_config", ds_json(tmp_path, "zero2"),
             *tiny_args(char_data, tmp_path / "run", **{**OVER, "max_iters": 1000, "eval_interval": 1}), "--ep_size=2"]
     procs = start_ranks(2, args)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import REPO, tiny_args
-from dist_utils import free_port, loopback_env, start_ranks, train_rows
+from dist_utils import free_port, loopback_env, start_ranks, train_rows, wait_for_iter
 
 ZERO2 = str(REPO / "ds_configs/zero2.json")
 
@@ -36,17 +36,6 @@ def test_srun_variables_alone(char_data, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
     assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]
-
-
-def wait_for_iter(out_dir, it: int, procs, timeout: float = 240):
-    """Block until rank 0 has logged training iteration `it`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (out_dir / "metrics.jsonl").exists() and any(r["iter"] >= it for r in train_rows(out_dir)):
-            return
-        assert all(p.poll() is None for p in procs), "a rank ended before the fault was injected"
-        time.sleep(0.2)
-    raise AssertionError(f"iteration {it} not reached in {timeout}s")
 
 
 def long_run(char_data, out_dir, **over):
