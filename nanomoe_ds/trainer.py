@@ -7,7 +7,6 @@ DeepSpeed one lives in deepspeed_integration.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -16,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from . import checkpoint, precision
+from . import checkpoint, metrics, precision
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
 from .data import Batches, check_data, load_meta, resolve_data_dir, shard
 from .model import GPT
@@ -55,7 +54,7 @@ class LocalEngine:
     rank, world_size = 0, 1
 
     def __init__(self, model: GPT, t: TrainConfig, device: str, dtype: torch.dtype):
-        self.module, self.t = model.to(device), t
+        self.module, self.t, self.device, self.compute_dtype = model.to(device), t, device, dtype
         kind = device.split(":")[0]
         self.ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=kind, dtype=dtype)
         # fp16 needs loss scaling against gradient underflow: a GradScaler on CUDA and on
@@ -102,38 +101,6 @@ class LocalEngine:
         return ckpt
 
 
-class MetricsLog:
-    """Human-readable lines on stdout and one JSON object per line in out_dir/metrics.jsonl."""
-
-    def __init__(self, out_dir: str, enabled: bool, wandb_run=None):
-        self.enabled, self.wandb = enabled, wandb_run
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if enabled:
-            os.makedirs(out_dir, exist_ok=True)
-
-    def __call__(self, record: dict, line: str | None = None):
-        if not self.enabled:
-            return
-        if line:
-            print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
-
-
-def moe_stats(model: GPT) -> list[dict]:
-    out = []
-    for m in model.moe_layers():
-        s = m.stats
-        out.append({"tokens_per_expert": s["tokens_per_expert"].tolist(), "load_cv": float(s["load_cv"]),
-                    "load_max_over_mean": float(s["load_max_over_mean"]), "dead_experts": int(s["dead_experts"]),
-                    "drop_frac": float(s["drop_frac"]),
-                    "aux_loss": float(m.aux_loss.detach()) if m.aux_loss is not None else None,
-                    "z_loss": float(m.z_loss.detach()) if m.z_loss is not None else None})
-    return out
-
-
 @torch.no_grad()
 def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
     """Mean pure cross-entropy over eval_iters batches per split, sharded over ranks.
@@ -172,7 +139,8 @@ def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
 
 
 def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
-    """Run the loop; return the last eval and train numbers (handy for tests)."""
+    """Set up, run the loop, and close the log sinks (flushed even when the loop fails)."""
+    metrics.check_sinks(t)
     data_dir = resolve_data_dir(t.dataset, t.data_dir)
     check_data(data_dir, m.block_size)
     ckpt = None
@@ -182,7 +150,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
     model = build_model(m, t)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
-    if int(os.environ.get("RANK", "0")) == 0:  # before experts are sharded: whole-model counts
+    flops_per_token = model.flops_per_token()  # before experts are sharded: the whole model's active params
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, "
               f"{model.get_num_params(active=True) / 1e6:.2f}M active per token", flush=True)
     if engine_factory is None:
@@ -190,40 +159,53 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
         engine = LocalEngine(model, t, device, dtype)
     else:
         engine = engine_factory(model, t)
-        device = engine.device
-    master = engine.rank == 0
-    iter_num, best_val = 0, 1e9
+    start_iter, best_val = 0, 1e9
     if t.init_from == "resume":
         state = engine.load(t.out_dir, ckpt)
-        iter_num, best_val = state["iter_num"], state["best_val_loss"]
-    batches = Batches(data_dir, m.block_size, t.batch_size, device, t.seed)
-    my_micro = shard(t.gradient_accumulation_steps, engine.rank, engine.world_size)
-    wandb_run = None
-    if t.wandb_log and master:
-        import wandb
-        wandb_run = wandb.init(project=t.wandb_project, name=t.wandb_run_name, config=to_dict(m, t))
-    log = MetricsLog(t.out_dir, master, wandb_run)
-    tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * m.block_size
+        start_iter, best_val = state["iter_num"], state["best_val_loss"]
+    master = engine.rank == 0
     if master:
-        print(f"tokens per iteration: {tokens_per_iter:,}", flush=True)
+        log = metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, start_iter))
+    else:
+        log = metrics.MetricsLog([], echo=False)
+    peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, t.peak_tflops)
+    try:
+        result = run_loop(engine, Batches(data_dir, m.block_size, t.batch_size, engine.device, t.seed), t, log,
+                          start_iter, best_val, flops_per_token, peak)
+    except BaseException:
+        log.close(failed=True)
+        raise
+    log.close()
+    return result
+
+
+def run_loop(engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int, best_val: float,
+             flops_per_token: int, peak_flops: float | None) -> dict:
+    """nanoGPT's loop over the engine: eval and checkpoint, accumulate, step, log."""
+    model = engine.module
+    my_micro = shard(t.gradient_accumulation_steps, engine.rank, engine.world_size)
+    tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * model.config.block_size
+    log.print(f"tokens per iteration: {tokens_per_iter:,}")
+    tally = metrics.RoutingTally(model.moe_layers()) if t.log_moe_stats and model.moe_layers() else None
     result: dict = {"train_losses": []}
-    t0, running_mfu = time.time(), -1.0
+    t0, running_mfu, local_iter = time.time(), None, 0
     while True:
         lr = get_lr(iter_num, t)
         if iter_num % t.eval_interval == 0:
             losses = estimate_loss(engine, batches, t, iter_num)
             result.update(losses)
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr},
+            log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                 "val_loss": losses["val"], "lr": lr},
                 f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if losses["val"] < best_val or t.always_save_checkpoint:
                 best_val = min(best_val, losses["val"])
                 if iter_num > 0:
                     engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val,
-                                            "model_args": asdict(model.config), "config": to_dict(m, t)})
-                    if master:
-                        print(f"saving checkpoint to {t.out_dir}", flush=True)
+                                            "model_args": asdict(model.config), "config": to_dict(model.config, t)})
+                    log.print(f"saving checkpoint to {t.out_dir}")
         if t.eval_only or iter_num > t.max_iters:
             break
+        logging = iter_num % t.log_interval == 0
         parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
         for micro in my_micro:
             x, y = batches.get("train", iter_num, micro)
@@ -233,6 +215,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
             zero = torch.zeros((), device=loss.device)
             parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
                                       ll.get("z_loss", zero).float()]))
+            if tally is not None and logging:
+                tally.add()
         grad_norm = engine.step(lr)
         if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
             layers = model.moe_layers()
@@ -243,18 +227,23 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None) -> dict:
         result["train_losses"].append(float(parts[0]))
         t1 = time.time()
         dt, t0 = t1 - t0, t1
-        if iter_num % t.log_interval == 0:
-            if iter_num >= 5:
-                mfu = model.estimate_mfu(t.batch_size * t.gradient_accumulation_steps, dt)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            rec = {"iter": iter_num, "loss": float(parts[0]), "ce_loss": float(parts[1]),
-                   "aux_loss": float(parts[2]), "z_loss": float(parts[3]), "lr": lr, "grad_norm": grad_norm,
-                   "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
-            if str(device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
+        if logging:
+            if local_iter >= 5:  # past compilation and warm-up; an EMA as in nanoGPT
+                mfu = metrics.mfu(flops_per_token, tokens_per_iter / engine.world_size / dt, peak_flops)
+                running_mfu = mfu if running_mfu is None or mfu is None else 0.9 * running_mfu + 0.1 * mfu
+            rec = {"iter": iter_num, "tokens": (iter_num + 1) * tokens_per_iter, "loss": float(parts[0]),
+                   "ce_loss": float(parts[1]), "aux_loss": float(parts[2]), "z_loss": float(parts[3]), "lr": lr,
+                   "grad_norm": grad_norm, "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt,
+                   "mfu": running_mfu}
+            if str(engine.device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if t.log_moe_stats and model.moe_layers():
-                rec["moe"] = moe_stats(model)
+            if tally is not None:
+                rec["moe"] = tally.reduce(engine.all_reduce, t.gradient_accumulation_steps,
+                                          model.config.bias_update_rate > 0)
+            mfu_text = "n/a" if running_mfu is None else f"{running_mfu * 100:.2f}%"
             log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "
-                     f"tok/s {rec['tokens_per_sec']:.0f}, mfu {running_mfu * 100:.2f}%")
+                     f"tok/s {rec['tokens_per_sec']:.0f}, mfu {mfu_text}")
+        log.advance({"loss": f"{float(parts[0]):.4f}", "tok/s": f"{tokens_per_iter / dt:.0f}"})
         iter_num += 1
+        local_iter += 1
     return result
