@@ -57,8 +57,10 @@ def plot_expert_load(plt, runs: dict, path: str):
         load = [[c / max(sum(layer["tokens_per_expert"]) / len(layer["tokens_per_expert"]), 1e-9)
                  for c in layer["tokens_per_expert"]] for layer in record["moe"]]
         image = ax.imshow(load, cmap="viridis", aspect="auto", vmin=0)
+        ax.set_xticks(range(len(load[0])))
+        ax.set_yticks(range(len(load)))
         ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
+        ax.set_ylabel("MoE layer (in order)")
         ax.set_title(f"{name}: load / mean at iter {record['iter']}", fontsize=10)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
