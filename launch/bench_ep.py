@@ -9,7 +9,7 @@ Two ways to put them side by side:
       nanomoe_ds.deepspeed_integration.make_engine_factory (ep_size=1 and ep_size=2) and
       alternates training steps ABBA (ep1 ep2 | ep2 ep1 | ...). Each step is the trainer's
       loop body (Batches.get of this rank's micro-batches, engine.forward, engine.backward,
-      engine.step, the loss all-reduce, moe_stats): a burst of load from other work on a
+      engine.step, the loss all-reduce, the routing tally): a burst of load from other work on a
       shared machine hits both sides alike. Both engines see the same data, so their
       losses must agree step by step; the report prints the largest difference.
   --mode processes  the real loop, nanomoe_ds.trainer.train, in a fresh pair of processes
@@ -231,7 +231,8 @@ def worker_interleaved(args, train_argv: list[str]):
     from nanomoe_ds.config import from_argv
     from nanomoe_ds.data import Batches, resolve_data_dir, shard
     from nanomoe_ds.deepspeed_integration import make_engine_factory
-    from nanomoe_ds.trainer import build_model, get_lr, moe_stats
+    from nanomoe_ds.metrics import RoutingTally
+    from nanomoe_ds.trainer import build_model, get_lr
 
     rank = int(os.environ["RANK"])
     code = 0
@@ -248,7 +249,8 @@ def worker_interleaved(args, train_argv: list[str]):
             batches = Batches(resolve_data_dir(t.dataset, t.data_dir), m.block_size, t.batch_size, engine.device,
                               t.seed)
             sides[ep] = dict(engine=engine, model=model, t=t, batches=batches, timers=timers, wall=[], cpu=[],
-                             loss=[], my_micro=shard(t.gradient_accumulation_steps, engine.rank, engine.world_size))
+                             loss=[], my_micro=shard(t.gradient_accumulation_steps, engine.rank, engine.world_size),
+                             tally=RoutingTally(model.moe_layers()))
 
         def one_step(s, it):
             engine, model, t = s["engine"], s["model"], s["t"]
@@ -259,10 +261,11 @@ def worker_interleaved(args, train_argv: list[str]):
                 _, loss = engine.forward(x, y)
                 engine.backward(loss)
                 parts += torch.tensor([loss.item(), float(model.last_losses["ce"])], dtype=torch.float64)
+                s["tally"].add()
             engine.step(get_lr(it, t))
             Recorder.active = s["timers"]
             parts = engine.all_reduce(parts) / t.gradient_accumulation_steps
-            moe_stats(model)  # the trainer logs these every log_interval (1 here)
+            s["tally"].reduce(engine.all_reduce, t.gradient_accumulation_steps, False)  # the trainer logs it
             s["wall"].append((time.perf_counter() - t0) * 1e3)
             s["cpu"].append((time.process_time() - c0) * 1e3)
             s["loss"].append(float(parts[0]))
@@ -488,7 +491,7 @@ def report(a, runs, s1, s2, elapsed: float, load: tuple) -> str:
               f"losses {diff:.1e} "
               f"over {len(l1)} steps (last loss {l1[-1]:.4f} / {l2[-1]:.4f}).", ""]
     L += ["Breakdown, median per step in ms (fwd / bwd / optimizer step = the engine adapter's calls, mean of the "
-          "ranks; other = step minus those, per step: data, loss all-reduce, moe_stats, Python; medians of parts "
+          "ranks; other = step minus those, per step: data, loss all-reduce, routing tally, Python; medians of parts "
           "do not add up exactly):", "",
           "| part | ep1 | ep2 | ep2 - ep1 |", "|---|---:|---:|---:|"]
     for key, name in (("step", "step, wall (rank 0)"), ("cpu", "step, process CPU time summed over ranks"),

@@ -98,15 +98,15 @@ step "4b. the same, one device, plain PyTorch (bf16 autocast), compile=False the
 step "4c. summary of 4 and 4b (median of logged steps after warm-up)" 30 python3 - "$WORK" <<'EOF'
 import json, os, statistics, sys, torch
 from nanomoe_ds.config import GPTConfig
+from nanomoe_ds.metrics import device_peak_flops
 from nanomoe_ds.model import GPT
-peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, datasheet
 name = torch.cuda.get_device_name()
-peak_flops = next((v for k, v in peak.items() if k in name), None)
+peak_flops = device_peak_flops("cuda", torch.bfloat16, 0.0)  # dense bf16 datasheet peak (metrics.PEAK_TFLOPS)
 with torch.device("meta"):
     model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, use_moe=True, num_experts=8,
                           num_experts_per_tok=2, dropout=0.0))
 active = model.get_num_params(active=True)
-flops_per_token = 6 * active + 12 * 12 * 12 * 64 * 1024
+flops_per_token = model.flops_per_token()
 print(f"{name}: active params {active / 1e6:.1f}M, {flops_per_token / 1e9:.2f} GFLOP per token")
 for run in ("gpt2moe", "local", "compiled"):
     path = os.path.join(sys.argv[1], run, "metrics.jsonl")

@@ -91,6 +91,10 @@ class TrainConfig:
     wandb_log: bool = False
     wandb_project: str = "nanomoe"
     wandb_run_name: str = "run"
+    # monitoring (metrics.py; README "Monitoring")
+    tensorboard_dir: str = ""  # TensorBoard event files go here when set
+    progress: bool = True  # a tqdm bar on rank 0, only when stdout is a terminal
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 looks it up in metrics.PEAK_TFLOPS
     # data
     dataset: str = "openwebtext"
     data_dir: str = ""  # default: data/<dataset> in the repository
@@ -272,6 +276,7 @@ def validate_train(t: TrainConfig):
     _check(t.learning_rate > 0, f"learning_rate must be positive, got {t.learning_rate}")
     _check(not t.decay_lr or 0 <= t.min_lr <= t.learning_rate,
            f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) when decay_lr=True")
+    _check(t.peak_tflops >= 0, f"peak_tflops must be >= 0 (0 looks the device up), got {t.peak_tflops}")
     _check(t.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {t.grad_clip}")
     dev = t.device
     _check(dev in ("cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),

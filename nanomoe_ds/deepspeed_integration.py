@@ -67,6 +67,7 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     caller asks precision.supports; tests pass any answer).
     """
     ds = copy.deepcopy(ds)
+    _refuse_monitors(ds)
     if t.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) must be divisible by "
                           f"the number of ranks ({world_size})")
@@ -108,6 +109,21 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
         # DeepSpeed asserts these for MoE parameter groups.
         ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
     return ds
+
+
+# DeepSpeed's monitor blocks would log the engine's own view (loss of its last micro-batch, rank 0's
+# samples); the trainer logs the global numbers itself, to these keys instead.
+OUR_MONITOR_KEYS = {"wandb": "--wandb_log=True (with --wandb_project, --wandb_run_name)",
+                    "tensorboard": "--tensorboard_dir=DIR",
+                    "csv_monitor": "out_dir/metrics.jsonl, always written (plot it with launch/plot.py)",
+                    "comet": "--wandb_log=True or --tensorboard_dir=DIR"}
+
+
+def _refuse_monitors(ds: dict):
+    for block, ours in OUR_MONITOR_KEYS.items():
+        if ds.get(block, {}).get("enabled", False):
+            raise ConfigError(f"the DeepSpeed JSON's \"{block}\" block is not used by this trainer; remove it "
+                              f"and use {ours}")
 
 
 def _json_dtype(ds: dict) -> str:
@@ -191,6 +207,8 @@ class DeepSpeedEngine:
         self.engine, self.module, self.t = engine, engine.module, t
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = str(engine.device)
+        self.compute_dtype = (torch.bfloat16 if engine.bfloat16_enabled() else
+                              torch.float16 if engine.fp16_enabled() else torch.float32)
         self.clip_ourselves = clip_ourselves
 
     def forward(self, x, y):
@@ -303,6 +321,8 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
             adopt_moe_(model, t.ep_size)
         groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(t.weight_decay))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+        if t.compile:  # torch.compile of the module in place (nn.Module.compile): parameter names stay as they are
+            engine.compile()
         return DeepSpeedEngine(engine, t, clip_ourselves)
 
     return factory

@@ -190,13 +190,15 @@ class GPT(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
-    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = 312e12) -> float:
-        """Model FLOPs utilisation against `peak_flops` (A100 bf16 by default), on *active* parameters."""
+    def flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token on *active* parameters: PaLM appendix B."""
         cfg = self.config
-        N = self.get_num_params(active=True)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T  # PaLM appendix B
-        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+        return 6 * self.get_num_params(active=True) + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds on one device of `peak_flops`."""
+        return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):

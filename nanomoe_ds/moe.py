@@ -228,7 +228,7 @@ class MoE(nn.Module):
                            if cfg.num_shared_experts else None)
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss = self.z_loss = None  # set by each training forward
-        self._last_routing = None  # (tokens per expert, drop fraction) of the last forward
+        self.last_routing = None  # (kept tokens per expert, dropped, all assignments) of the last forward
         # Token counts per expert since the last bias update (aux-loss-free balancing).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
 
@@ -265,17 +265,12 @@ class MoE(nn.Module):
             self.aux_loss = E * torch.sum(f * probs.mean(0))
             self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
             self.load += chosen  # what the router chose, before any capacity drop
-        self._last_routing = (perm.counts.detach(), perm.dropped / max(perm.num_assignments, 1))
+        self.last_routing = (perm.counts.detach(), perm.dropped, perm.num_assignments)
 
     @property
     def stats(self) -> dict:
         """Routing statistics of the last forward, derived only when someone logs them."""
-        counts, drop_frac = self._last_routing
-        load = counts.float()
-        mean = load.mean().clamp(min=1e-9)
-        return {"tokens_per_expert": counts, "load_cv": load.std(unbiased=False) / mean,
-                "load_max_over_mean": load.max() / mean, "dead_experts": (counts == 0).sum(),
-                "drop_frac": drop_frac}
+        return routing_stats(*self.last_routing)
 
     @torch.no_grad()
     def update_bias(self, rate: float, load: torch.Tensor | None = None):
@@ -285,6 +280,18 @@ class MoE(nn.Module):
             err = load.mean() - load
             self.router.score_bias += rate * torch.sign(err).to(self.router.score_bias)
         self.load.zero_()
+
+
+def routing_stats(counts: torch.Tensor, dropped: float, assignments: float) -> dict:
+    """Load statistics from kept tokens per expert [E] and dropped / all (token, slot) assignments.
+
+    The trainer calls it on counts summed over a step's micro-batches and all ranks.
+    """
+    load = counts.float()
+    mean = load.mean().clamp(min=1e-9)
+    return {"tokens_per_expert": counts, "load_cv": load.std(unbiased=False) / mean,
+            "load_max_over_mean": load.max() / mean, "dead_experts": (counts == 0).sum(),
+            "drop_frac": dropped / max(assignments, 1)}
 
 
 def init_moe_(moe: MoE, n_layer: int, std: float = 0.02):

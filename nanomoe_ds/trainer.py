@@ -1,13 +1,13 @@
 """The training loop, shared by the single-device path and the DeepSpeed path.
 
-Both paths hand the loop an *engine* with the same small interface
-(`forward`, `backward`, `step`, `save`, `all_reduce`), so there is one loop, one
-eval and one log. `LocalEngine` below is plain PyTorch on one device; the
-DeepSpeed one lives in deepspeed_integration.py.
+Both paths hand the loop an *engine* (the `Engine` protocol below), so there is
+one loop, one eval, one log and one checkpoint cadence. `LocalEngine` below is plain
+PyTorch on one device; the DeepSpeed one lives in deepspeed_integration.py. The loop
+reads as nanoGPT's, in named steps: `evaluate_and_save`, `train_step`, `check_finite`,
+`log_step`; a signal stops it at a step boundary after a save.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -15,13 +15,39 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from typing import Protocol
 
 import torch
 
-from . import checkpoint, precision
+from . import checkpoint, metrics, precision
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
+
+
+class Engine(Protocol):
+    """What the loop uses of an engine: LocalEngine below, deepspeed_integration.DeepSpeedEngine."""
+
+    module: GPT
+    rank: int
+    world_size: int
+    device: str
+    compute_dtype: torch.dtype
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, lr: float) -> float | None:
+        """Clip, update, zero the gradients; return the global gradient norm (None if not computed)."""
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over all ranks (a copy, on the tensor's device)."""
+
+    def save(self, out_dir: str, state: dict) -> None: ...
+
+    def load(self, out_dir: str, ckpt: dict) -> dict:
+        """Restore from ckpt.pt (already read by the trainer); return its training state."""
 
 
 def get_lr(it: int, t: TrainConfig) -> float:
@@ -57,7 +83,7 @@ class LocalEngine:
     rank, world_size = 0, 1
 
     def __init__(self, model: GPT, t: TrainConfig, device: str, dtype: torch.dtype):
-        self.module, self.t, self.dtype = model.to(device), t, dtype
+        self.module, self.t, self.device, self.compute_dtype = model.to(device), t, device, dtype
         kind = device.split(":")[0]
         self.ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=kind, dtype=dtype)
         # fp16 needs loss scaling against gradient underflow: a GradScaler on CUDA and on
@@ -90,7 +116,7 @@ class LocalEngine:
         return t
 
     def topology(self) -> dict:
-        return checkpoint.topology("local", 1, 1, None, str(self.dtype).removeprefix("torch."))
+        return checkpoint.topology("local", 1, 1, None, str(self.compute_dtype).removeprefix("torch."))
 
     def save(self, out_dir: str, state: dict):
         checkpoint.save(out_dir, {**state, "model": self.module.state_dict(), "topology": self.topology(),
@@ -150,38 +176,6 @@ class Preemption:
         self.previous = {}
 
 
-class MetricsLog:
-    """Human-readable lines on stdout and one JSON object per line in out_dir/metrics.jsonl."""
-
-    def __init__(self, out_dir: str, enabled: bool, wandb_run=None):
-        self.enabled, self.wandb = enabled, wandb_run
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        if enabled:
-            os.makedirs(out_dir, exist_ok=True)
-
-    def __call__(self, record: dict, line: str | None = None):
-        if not self.enabled:
-            return
-        if line:
-            print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
-
-
-def moe_stats(model: GPT) -> list[dict]:
-    out = []
-    for m in model.moe_layers():
-        s = m.stats
-        out.append({"tokens_per_expert": s["tokens_per_expert"].tolist(), "load_cv": float(s["load_cv"]),
-                    "load_max_over_mean": float(s["load_max_over_mean"]), "dead_experts": int(s["dead_experts"]),
-                    "drop_frac": float(s["drop_frac"]),
-                    "aux_loss": float(m.aux_loss.detach()) if m.aux_loss is not None else None,
-                    "z_loss": float(m.z_loss.detach()) if m.z_loss is not None else None})
-    return out
-
-
 @torch.no_grad()
 def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
     """Mean pure cross-entropy over eval_iters batches per split, sharded over ranks.
@@ -221,11 +215,13 @@ def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
 
 
 def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = frozenset()) -> dict:
-    """Run the loop; return the last eval and train numbers (handy for tests).
+    """Set up, run the loop, and close the log sinks (flushed even when the loop fails).
 
     `given` names the keys the user set (preset or command line); on resume, a model
-    shape key among them must agree with the checkpoint.
+    shape key among them must agree with the checkpoint. Returns the last eval and the
+    train losses (handy for tests).
     """
+    metrics.check_sinks(t)
     data_dir = resolve_data_dir(t.dataset, t.data_dir)
     check_data(data_dir, m.block_size)
     ckpt = None
@@ -239,7 +235,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
-    if int(os.environ.get("RANK", "0")) == 0:  # before experts are sharded: whole-model counts
+    flops_per_token = model.flops_per_token()  # before experts are sharded: the whole model's active params
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, "
               f"{model.get_num_params(active=True) / 1e6:.2f}M active per token", flush=True)
     if engine_factory is None:
@@ -247,89 +244,137 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
         engine = LocalEngine(model, t, device, dtype)
     else:
         engine = engine_factory(model, t)
-        device = engine.device
-    master = engine.rank == 0
-    iter_num, best_val = 0, 1e9
+    start_iter, best_val = 0, 1e9
     if t.init_from == "resume":
         state = engine.load(t.out_dir, ckpt)
-        iter_num, best_val = state["iter_num"], state["best_val_loss"]
-    batches = Batches(data_dir, m.block_size, t.batch_size, device, t.seed)
+        start_iter, best_val = state["iter_num"], state["best_val_loss"]
+    if engine.rank == 0:
+        log = metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, start_iter))
+    else:
+        log = metrics.MetricsLog([], echo=False)
+    peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, t.peak_tflops)
+    try:
+        result = run_loop(engine, Batches(data_dir, m.block_size, t.batch_size, engine.device, t.seed), t, log,
+                          start_iter, best_val, flops_per_token, peak)
+    except BaseException:
+        log.close(failed=True)
+        raise
+    log.close()
+    return result
+
+
+def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int,
+             best_val: float, flops_per_token: int, peak_flops: float | None) -> dict:
+    """nanoGPT's loop over the engine: eval and checkpoint, step, guard, log; stop on a signal after a save."""
+    model = engine.module
     my_micro = shard(t.gradient_accumulation_steps, engine.rank, engine.world_size)
-    wandb_run = None
-    if t.wandb_log and master:
-        import wandb
-        wandb_run = wandb.init(project=t.wandb_project, name=t.wandb_run_name, config=to_dict(m, t))
-    log = MetricsLog(t.out_dir, master, wandb_run)
-    tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * m.block_size
-    if master:
-        print(f"tokens per iteration: {tokens_per_iter:,}", flush=True)
+    tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * model.config.block_size
+    log.print(f"tokens per iteration: {tokens_per_iter:,}")
+    tally = metrics.RoutingTally(model.moe_layers()) if t.log_moe_stats and model.moe_layers() else None
     result: dict = {"train_losses": []}
-    t0, running_mfu = time.time(), -1.0
+    t0, running_mfu, local_iter = time.time(), None, 0
     preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
     try:
         while True:
             lr = get_lr(iter_num, t)
             if iter_num % t.eval_interval == 0:
-                losses = estimate_loss(engine, batches, t, iter_num)
-                check_finite({"val loss": losses["val"]}, iter_num, t.out_dir)
-                result.update(losses)
-                log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr},
-                    f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                if losses["val"] < best_val or t.always_save_checkpoint:
-                    best_val = min(best_val, losses["val"])
-                    if iter_num > 0:
-                        engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val,
-                                                "model_args": asdict(model.config), "config": to_dict(m, t)})
-                        if master:
-                            print(f"saving checkpoint to {t.out_dir}", flush=True)
+                best_val = evaluate_and_save(engine, batches, t, log, iter_num, best_val, tokens_per_iter, result)
             if t.eval_only or iter_num > t.max_iters:
                 break
-            parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
-            for micro in my_micro:
-                x, y = batches.get("train", iter_num, micro)
-                _, loss = engine.forward(x, y)
-                engine.backward(loss)
-                ll = model.last_losses
-                zero = torch.zeros((), device=loss.device)
-                parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
-                                          ll.get("z_loss", zero).float()]))
-            grad_norm = engine.step(lr)
-            if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
-                layers = model.moe_layers()
-                loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
-                for layer, load in zip(layers, loads):
-                    layer.update_bias(model.config.bias_update_rate, load)
-            # One all-reduce per step carries the losses and whether any rank was asked to stop,
-            # so every rank stops (and saves) at the same step boundary.
-            stop_flag = torch.tensor([float(preemption.requested is not None)], dtype=torch.float64)
-            reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0).cpu(), stop_flag]))
-            parts, stop_requested = reduced[:4] / t.gradient_accumulation_steps, bool(reduced[4] > 0)
-            check_finite({"loss": float(parts[0]), "gradient norm": grad_norm}, iter_num, t.out_dir)  # before any save
-            result["train_losses"].append(float(parts[0]))
+            logging = iter_num % t.log_interval == 0
+            losses, grad_norm, stop_requested = train_step(engine, batches, t, my_micro, iter_num, lr,
+                                                           preemption.requested is not None,
+                                                           tally if logging else None)
+            check_finite({"loss": float(losses[0]), "gradient norm": grad_norm}, iter_num, t.out_dir)
+            result["train_losses"].append(float(losses[0]))
             t1 = time.time()
             dt, t0 = t1 - t0, t1
-            if iter_num % t.log_interval == 0:
-                if iter_num >= 5:
-                    mfu = model.estimate_mfu(t.batch_size * t.gradient_accumulation_steps, dt)
-                    running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-                rec = {"iter": iter_num, "loss": float(parts[0]), "ce_loss": float(parts[1]),
-                       "aux_loss": float(parts[2]), "z_loss": float(parts[3]), "lr": lr, "grad_norm": grad_norm,
-                       "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
-                if str(device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
-                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                if t.log_moe_stats and model.moe_layers():
-                    rec["moe"] = moe_stats(model)
-                log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "
-                         f"tok/s {rec['tokens_per_sec']:.0f}, mfu {running_mfu * 100:.2f}%")
+            if logging:
+                if local_iter >= 5:  # past compilation and warm-up; an EMA as in nanoGPT
+                    mfu = metrics.mfu(flops_per_token, tokens_per_iter / engine.world_size / dt, peak_flops)
+                    running_mfu = mfu if running_mfu is None or mfu is None else 0.9 * running_mfu + 0.1 * mfu
+                log_step(engine, t, log, tally, iter_num, lr, losses, grad_norm, dt, tokens_per_iter, running_mfu)
+            log.advance({"loss": f"{float(losses[0]):.4f}", "tok/s": f"{tokens_per_iter / dt:.0f}"})
             iter_num += 1
+            local_iter += 1
             if stop_requested:  # preempted: save where the next iteration starts, then leave the loop
-                engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val,
-                                        "model_args": asdict(model.config), "config": to_dict(m, t)})
-                if master:
-                    print(f"stopped by {preemption.requested or 'a signal to another rank'} before iteration "
-                          f"{iter_num}; checkpoint saved to {t.out_dir}; continue with --init_from=resume", flush=True)
+                save(engine, t, iter_num, best_val)
+                log.print(f"stopped by {preemption.requested or 'a signal to another rank'} before iteration "
+                          f"{iter_num}; checkpoint saved to {t.out_dir}; continue with --init_from=resume")
                 result["stopped_by_signal"] = True
                 break
     finally:
         preemption.restore()
     return result
+
+
+def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int,
+                      best_val: float, tokens_per_iter: int, result: dict) -> float:
+    """Eval both splits; checkpoint when val improved (or always_save_checkpoint). Returns the best val loss."""
+    losses = estimate_loss(engine, batches, t, iter_num)
+    check_finite({"val loss": losses["val"]}, iter_num, t.out_dir)
+    result.update(losses)
+    log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+         "val_loss": losses["val"], "lr": get_lr(iter_num, t)},
+        f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    if losses["val"] < best_val or t.always_save_checkpoint:
+        best_val = min(best_val, losses["val"])
+        if iter_num > 0:
+            save(engine, t, iter_num, best_val)
+            log.print(f"saving checkpoint to {t.out_dir}")
+    return best_val
+
+
+def save(engine: Engine, t: TrainConfig, iter_num: int, best_val: float):
+    """A checkpoint from which training continues at `iter_num`."""
+    model_cfg = engine.module.config
+    engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val, "model_args": asdict(model_cfg),
+                            "config": to_dict(model_cfg, t)})
+
+
+def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list[int], iter_num: int, lr: float,
+               stop_here: bool, tally) -> tuple[torch.Tensor, float | None, bool]:
+    """One optimizer step over this rank's micro-batches of the global batch.
+
+    Returns the global mean (loss, ce, aux, z), the gradient norm, and whether any rank
+    was asked to stop: that flag rides in the all-reduce of the losses the step does
+    anyway, so every rank stops (and saves) at the same step boundary.
+    """
+    model = engine.module
+    parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
+    for micro in micro_ids:
+        x, y = batches.get("train", iter_num, micro)
+        _, loss = engine.forward(x, y)
+        engine.backward(loss)
+        ll = model.last_losses
+        zero = torch.zeros((), device=loss.device)
+        parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
+                                  ll.get("z_loss", zero).float()]))
+        if tally is not None:
+            tally.add()
+    grad_norm = engine.step(lr)
+    if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
+        layers = model.moe_layers()
+        loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
+        for layer, load in zip(layers, loads):
+            layer.update_bias(model.config.bias_update_rate, load)
+    stop_flag = torch.tensor([float(stop_here)], dtype=torch.float64)
+    reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0).cpu(), stop_flag]))
+    return reduced[:4] / t.gradient_accumulation_steps, grad_norm, bool(reduced[4] > 0)
+
+
+def log_step(engine: Engine, t: TrainConfig, log: metrics.MetricsLog, tally, iter_num: int, lr: float,
+             losses: torch.Tensor, grad_norm: float | None, dt: float, tokens_per_iter: int,
+             running_mfu: float | None):
+    """One metrics.jsonl record (and stdout line) for a logged step; the routing reduce is a collective."""
+    model = engine.module
+    rec = {"iter": iter_num, "tokens": (iter_num + 1) * tokens_per_iter, "loss": float(losses[0]),
+           "ce_loss": float(losses[1]), "aux_loss": float(losses[2]), "z_loss": float(losses[3]), "lr": lr,
+           "grad_norm": grad_norm, "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
+    if str(engine.device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if tally is not None:
+        rec["moe"] = tally.reduce(engine.all_reduce, t.gradient_accumulation_steps, model.config.bias_update_rate > 0)
+    mfu_text = "n/a" if running_mfu is None else f"{running_mfu * 100:.2f}%"
+    log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "
+             f"tok/s {rec['tokens_per_sec']:.0f}, mfu {mfu_text}")

@@ -1,6 +1,7 @@
 """Shared fixtures: the prepared shakespeare_char data and a tiny-run config."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,40 @@ def tiny_args(data_dir: Path, out_dir: Path, **over) -> list[str]:
                 learning_rate=1e-3, min_lr=1e-4, always_save_checkpoint=True)
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
+
+
+def wandb_history(out_dir: Path) -> tuple[list[dict], bool]:
+    """(history rows, whether the run was finished) from the offline run file under out_dir/wandb.
+
+    The .wandb file is a LevelDB-style log of protobuf records: a 7-byte header, then
+    32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type).
+    """
+    import struct
+    from wandb.proto import wandb_internal_pb2 as pb
+    (path,) = Path(out_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a wandb run file"
+    rows, finished, pos, chunk = [], False, 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a FULL record, or the LAST chunk of one
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+            finished |= record.WhichOneof("record_type") == "exit"
+    return rows, finished
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in the event files under log_dir: [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

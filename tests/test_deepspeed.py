@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_args
+from conftest import REPO, tensorboard_scalars, tiny_args, wandb_history
 from dist_utils import ds_json, free_port, loopback_env, run_ranks, train_rows
 
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.deepspeed_integration import reconcile
 from nanomoe_ds.precision import Support
-from nanomoe_ds.trainer import train
+from nanomoe_ds.trainer import build_model, train
 
 # A tiny MoE GPT whose clipping threshold (0.5) sits below its gradient norm (~1.5):
 # every step below is clipped, so a wrong global norm would show in the weights.
@@ -44,6 +45,12 @@ def assert_same_run(a, b, rel, weight_atol):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=rel)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=rel)
         assert ra["grad_norm"] > COMMON["grad_clip"]  # clipping really was active
+        # routing statistics describe the global batch (reduced over ranks), not rank 0's share
+        for la, lb in zip(ra["moe"], rb["moe"]):
+            assert la["tokens_per_expert"] == lb["tokens_per_expert"]
+            assert la["drop_frac"] == lb["drop_frac"]
+            for key in ("load_cv", "aux_loss", "z_loss"):
+                assert la[key] == pytest.approx(lb[key], rel=rel)
     sd_a, sd_b = ck_a["model"], ck_b["model"]
     for k, v in sd_a.items():
         if k.endswith("experts.w_in") or k.endswith("experts.w_out"):
@@ -122,6 +129,38 @@ def test_checkpoint_round_trip_ep2_zero2(char_data, tmp_path):
     r = subprocess.run([sys.executable, "launch/sample.py", f"--out_dir={tmp_path / 'part'}", "--device=cpu",
                         "--num_samples=1", "--max_new_tokens=10"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_sinks_and_mfu_two_ranks(char_data, tmp_path, monkeypatch):
+    """wandb (offline) and TensorBoard read back after os._exit; MFU counts this rank's tokens only."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tb = tmp_path / "tb"
+    rows, _ = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, max_iters=6,
+                     wandb_log=True, tensorboard_dir=str(tb), peak_tflops=0.001)
+    history, finished = wandb_history(tmp_path / "ds")
+    assert finished
+    assert sorted(h["_step"] for h in history if "loss" in h) == [r["iter"] for r in rows]
+    assert [v for _, v in tensorboard_scalars(tb)["loss"]] == pytest.approx([r["loss"] for r in rows])
+    flops = build_model(*from_argv(tiny_args(char_data, tmp_path, **COMMON))).flops_per_token()
+    r5 = next(r for r in rows if r["iter"] == 5)  # the first measured step: no averaging yet
+    assert r5["mfu"] == pytest.approx(flops * r5["tokens_per_sec"] / 2 / 1e9, rel=1e-9)
+
+
+def test_compile_under_deepspeed(single, char_data, tmp_path, monkeypatch):
+    """--compile=True compiles the engine's module (not silently ignored); the numbers stay the same."""
+    monkeypatch.setenv("TORCH_LOGS", "dynamo")  # dynamo says on stderr when it traces a frame
+    res = run_ranks(1, ["--deepspeed_config", ds_json(tmp_path, "zero2"),
+                        *tiny_args(char_data, tmp_path / "c", **{**COMMON, "compile": True})], timeout=500)
+    assert res[0].returncode == 0, res[0].stderr[-3000:]
+    assert "torchdynamo start tracing forward" in res[0].stderr  # the model's forward was compiled
+    for rs, rc in zip(single[0], train_rows(tmp_path / "c")):
+        assert rc["loss"] == pytest.approx(rs["loss"], rel=1e-4)
+
+
+def test_mfu_is_null_on_cpu_without_peak_tflops(char_data, tmp_path):
+    rows, _ = run_ds(1, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), max_iters=6)
+    assert [r["mfu"] for r in rows] == [None] * 7
 
 
 def one_rank(argv, tmp_path):
@@ -232,3 +271,12 @@ def test_every_preset_reconciles_at_any_world_size(preset, world):
         ds = reconcile(json.load(open(REPO / "ds_configs" / f"{name}.json")), model_cfg, train_cfg, world, "cuda",
                        Support(bfloat16=True, float16=True))
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+
+
+@pytest.mark.parametrize("block, ours", [("wandb", "--wandb_log=True"), ("tensorboard", "--tensorboard_dir=DIR"),
+                                         ("csv_monitor", "out_dir/metrics.jsonl")])
+def test_monitor_blocks_refused_not_ignored(block, ours):
+    with pytest.raises(ConfigError, match=f'^the DeepSpeed JSON\'s "{block}" block is not used by this trainer; '
+                                          f'remove it and use {re.escape(ours)}'):
+        reconcile_fp16_json(Support(True, True), fp16={"enabled": False}, **{block: {"enabled": True}})
+    reconcile_fp16_json(Support(True, True), fp16={"enabled": False}, **{block: {"enabled": False}})  # a no-op block
