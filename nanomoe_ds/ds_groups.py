@@ -11,7 +11,6 @@ average their gradients).
 """
 from __future__ import annotations
 
-import torch.distributed as dist
 
 
 def group_name(ep_size: int) -> str:

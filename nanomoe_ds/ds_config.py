@@ -1,0 +1,134 @@
+"""The DeepSpeed JSON: loading it and reconciling it with the trainer's config, as pure functions.
+
+The JSON owns precision, ZeRO, clipping, micro-batch and accumulation; "auto" values
+are filled from the preset and the command line, and a number that contradicts the
+trainer's is refused in one line naming both. Nothing here imports DeepSpeed or
+touches a process group, so tests call it in-process with any world size or device.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+from . import precision
+from .config import ConfigError, GPTConfig, TrainConfig
+
+def load_ds_config(path: str) -> dict:
+    """The JSON as a dict, its blocks checked to be objects (reconcile reads into them)."""
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed_config: no such file '{path}'; see ds_configs/") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--deepspeed_config: '{path}' is a directory; give a JSON file such as "
+                          "ds_configs/zero2.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--deepspeed_config: '{path}' is not valid JSON ({e})") from None
+    for block in ("", "zero_optimization", "optimizer", "optimizer.params", "scheduler", "scheduler.params",
+                  "bf16", "fp16"):
+        value = ds
+        for key in filter(None, block.split(".")):
+            value = value.get(key, {})
+        if not isinstance(value, dict):
+            where = f'"{block}"' if block else "the top level"
+            raise ConfigError(f"--deepspeed_config: {where} of '{path}' must be a JSON object {{...}}, "
+                              f"got {type(value).__name__} {json.dumps(value)[:40]}")
+    return ds
+
+
+def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_kind: str,
+              support: precision.Support) -> dict:
+    """Fill "auto" values from the preset/command line; refuse contradictions in one line.
+
+    The JSON owns precision, ZeRO, clipping, micro-batch and accumulation. The LR
+    schedule is nanoGPT's get_lr on both paths (so they match exactly); a
+    WarmupCosineLR block is checked against it and then driven by the trainer.
+    `device_kind` and `support` say what the ranks' device can compute in (the
+    caller asks precision.supports; tests pass any answer).
+    """
+    ds = copy.deepcopy(ds)
+    _refuse_monitors(ds)
+    if t.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) must be divisible by "
+                          f"the number of ranks ({world_size})")
+    gas = t.gradient_accumulation_steps // world_size
+    want = {"train_micro_batch_size_per_gpu": (t.batch_size, "batch_size"),
+            "gradient_accumulation_steps": (gas, f"gradient_accumulation_steps/world_size ({t.gradient_accumulation_steps}/{world_size})"),
+            "train_batch_size": (t.batch_size * t.gradient_accumulation_steps, "batch_size*gradient_accumulation_steps"),
+            "gradient_clipping": (t.grad_clip, "grad_clip")}
+    for key, (value, ours) in want.items():
+        _fill(ds, key, value, ours)
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if opt.get("type", "").lower() not in ("adamw", "adam"):
+        raise ConfigError(f"optimizer type '{opt.get('type')}' is not supported; use AdamW")
+    params = opt.setdefault("params", {})
+    params.setdefault("torch_adam", True)  # no JIT-built C++ op
+    for key, value, ours in (("lr", t.learning_rate, "learning_rate"), ("betas", [t.beta1, t.beta2], "beta1/beta2"),
+                             ("weight_decay", t.weight_decay, "weight_decay")):
+        _fill(params, key, value, ours, where="optimizer.params.")
+    sched = ds.pop("scheduler", None)
+    if sched is not None:
+        if sched.get("type") != "WarmupCosineLR":
+            raise ConfigError(f"scheduler type '{sched.get('type')}' is not supported; use WarmupCosineLR "
+                              "(nanoGPT's warmup + cosine) or remove the block")
+        sp = sched.get("params", {})
+        for key, value, ours in (("total_num_steps", t.lr_decay_iters, "lr_decay_iters"),
+                                 ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
+                                 ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
+            _fill(sp, key, value, ours, where="scheduler.params.")
+    json_dtype = _json_dtype(ds)
+    precision.check(json_dtype, device_kind, support, source="the DeepSpeed JSON")
+    if t.dtype not in ("auto", json_dtype):
+        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON ({json_dtype}); "
+                          "the JSON owns precision: leave dtype=auto")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if m.use_moe and stage == 3:
+        raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
+                          "(ds_configs/zero1.json, zero2.json)")
+    if m.use_moe and stage in (1, 2):
+        # DeepSpeed asserts these for MoE parameter groups.
+        ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
+    return ds
+
+
+# DeepSpeed's monitor blocks would log the engine's own view (loss of its last micro-batch, rank 0's
+# samples); the trainer logs the global numbers itself, to these keys instead.
+OUR_MONITOR_KEYS = {"wandb": "--wandb_log=True (with --wandb_project, --wandb_run_name)",
+                    "tensorboard": "--tensorboard_dir=DIR",
+                    "csv_monitor": "out_dir/metrics.jsonl, always written (plot it with launch/plot.py)",
+                    "comet": "--wandb_log=True or --tensorboard_dir=DIR"}
+
+
+def _refuse_monitors(ds: dict):
+    for block, ours in OUR_MONITOR_KEYS.items():
+        if ds.get(block, {}).get("enabled", False):
+            raise ConfigError(f"the DeepSpeed JSON's \"{block}\" block is not used by this trainer; remove it "
+                              f"and use {ours}")
+
+
+def _json_dtype(ds: dict) -> str:
+    bf16, fp16 = ds.get("bf16", {}).get("enabled", False), ds.get("fp16", {}).get("enabled", False)
+    if bf16 and fp16:  # DeepSpeed would stop on an assertion deep inside initialize
+        raise ConfigError("the DeepSpeed JSON enables both bf16 and fp16; set one of bf16.enabled / fp16.enabled "
+                          "to false")
+    return "bfloat16" if bf16 else "float16" if fp16 else "float32"
+
+
+def _fill(block: dict, key: str, value, ours: str, where: str = ""):
+    have = block.get(key, "auto")
+    if have == "auto":
+        block[key] = value
+    elif not _same(have, value):
+        raise ConfigError(f"DeepSpeed JSON {where}{key}={have} contradicts {ours}={value}; set one of them to match "
+                          f"(or use \"auto\" in the JSON)")
+
+
+def _same(a, b) -> bool:
+    """JSON vs config value: lists compare as lists, numbers up to float rounding (min_lr/lr)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+    return a == b
