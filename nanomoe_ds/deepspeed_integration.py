@@ -181,13 +181,8 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     t.gradient_accumulation_steps, changed = fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)
     if changed and dist.get_rank() == 0:
         print(changed, flush=True)
-    if m.use_moe:
-        if world % t.ep_size:
-            raise ConfigError(f"ep_size ({t.ep_size}) must divide the number of ranks ({world})")
-        if m.num_experts % t.ep_size:
-            raise ConfigError(f"num_experts ({m.num_experts}) must be divisible by ep_size ({t.ep_size})")
-    elif t.ep_size != 1:
-        raise ConfigError(f"ep_size={t.ep_size} needs use_moe=True")
+    if world % t.ep_size:  # the rest of ep_size's checks need no ranks: config.validate_parallelism
+        raise ConfigError(f"ep_size ({t.ep_size}) must divide the number of ranks ({world})")
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
     ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
