@@ -120,6 +120,17 @@ for run in ("gpt2moe", "local", "compiled"):
           f"MFU {mfu}  peak mem {mem:.1f} GiB  last loss {rows[-1]['loss']:.3f}")
 EOF
 
+# The checkpoint path on a GPU: a DeepSpeed ZeRO-2 bf16 save, resumed on one device (resharded from ckpt.pt).
+python3 data/shakespeare_char/prepare.py --input "${SHAKESPEARE_INPUT:-data/shakespeare_char/input.txt}" \
+    --out_dir "$WORK/sc" >/dev/null 2>&1
+TINY=(launch/config/train_shakespeare_char_moe.py --data_dir="$WORK/sc" --out_dir="$WORK/ck" --n_layer=2 --n_head=2
+      --n_embd=64 --block_size=64 --batch_size=8 --gradient_accumulation_steps=1 --eval_iters=2 --eval_interval=10
+      --log_interval=1 --compile=False --dropout=0.0)
+step "4d. checkpoint: DeepSpeed ZeRO-2 bf16 save at iteration 10, resumed on one device" 90 bash -c "
+    ${DS_LAUNCH[*]} --num_gpus 1 --master_port 29520 launch/train.py --deepspeed_config ds_configs/zero2.json \
+        ${TINY[*]} --max_iters=10 | grep -E 'saving|^iter 10' &&
+    python3 launch/train.py ${TINY[*]} --max_iters=12 --device=cuda --init_from=resume | grep -E 'resum|^iter 1[012]'"
+
 if [ "$NGPU" -ge 2 ]; then
     EP_ARGS=(launch/config/train_shakespeare_char_moe.py --data_dir="$WORK/data" --vocab_size=50304 --max_iters=4
              --eval_interval=1000 --eval_iters=1 --log_interval=1 --batch_size=4 --gradient_accumulation_steps=2
