@@ -19,8 +19,9 @@ Where a rank's share of each parameter lives, per the facts in DeepSpeed 0.19.8'
 and bf16 optimizers (see docs/checkpoints.md): every parameter has `_dp_group` and an
 `_hp_mapping` that is None where this rank owns none of it, else the addresses of its
 fragment in the flat fp32 partition, which is the single parameter of the inner torch
-optimizer's group `param_group_index`. Without a ZeRO/bf16 wrapper (fp32 ZeRO-0) the
-parameters are the optimizer's own.
+optimizer's group `param_group_index`. At ZeRO-0 nothing is partitioned: in fp32 the
+parameters are the optimizer's own, in bf16/fp16 each has an fp32 copy in the same
+place of `fp32_groups`.
 """
 from __future__ import annotations
 
@@ -41,6 +42,22 @@ def _is_wrapped(p) -> bool:
     return hasattr(p, "_dp_group")  # ZeRO-1/2 and the bf16 optimizer link every parameter
 
 
+def _inner(optimizer):
+    """The torch optimizer that holds the state: DeepSpeed's wrappers keep it as `.optimizer`."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _master(optimizer, p):
+    """The tensor the torch optimizer steps for an unpartitioned parameter p: p itself, or, under
+    ZeRO-0 with bf16/fp16 (FP16_UnfusedOptimizer), its fp32 copy at the same place in `fp32_groups`."""
+    if hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for i, q in enumerate(low):
+                if q is p:
+                    return high[i]
+    return p
+
+
 def _flat_state(optimizer, group_index: int) -> dict:
     """The inner torch optimizer's state for the flat fp32 partition of a parameter group."""
     inner = optimizer.optimizer
@@ -59,7 +76,8 @@ def _fragment(optimizer, p, key: str | None) -> torch.Tensor:
 def _local_whole(optimizer, p, key: str | None) -> torch.Tensor:
     """This rank's whole copy of p (its local experts, for an expert parameter), fp32. Collective."""
     if not _is_wrapped(p):
-        value = p.detach() if key is None else optimizer.state[p][key]
+        master = _master(optimizer, p)
+        value = master.detach() if key is None else _inner(optimizer).state[master][key]
         return value.float().clone()
     buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
     if p._hp_mapping is not None:
@@ -94,8 +112,12 @@ def _set(optimizer, p, key: str | None, value: torch.Tensor):
     """Write this rank's share of `value` (p's shape) into p's fp32 copy (key None) or state `key`."""
     value = value.to(p.device, torch.float32)
     if not _is_wrapped(p):
-        target = p.data if key is None else optimizer.state[p][key]
-        target.copy_(value)
+        master = _master(optimizer, p)
+        if key is None:
+            p.data.copy_(value.to(p.dtype))
+            master.data.copy_(value)
+        else:
+            _inner(optimizer).state[master][key].copy_(value)
         return
     if key is None:
         p.data.copy_(value.to(p.dtype))  # the model's (bf16 or fp32) copy, whole on every rank at ZeRO-1/2
@@ -104,9 +126,9 @@ def _set(optimizer, p, key: str | None, value: torch.Tensor):
         _fragment(optimizer, p, key).copy_(value.flatten().narrow(0, address.start, address.numel))
 
 
-def _ensure_state(optimizer, params, step: int):
+def _ensure_state(optimizer, step: int):
     """AdamW creates its state at the first step; a resharded resume writes into it before that."""
-    inner = optimizer.optimizer if any(_is_wrapped(p) for p in params) else optimizer
+    inner = _inner(optimizer)
     for group in inner.param_groups:
         for flat in group["params"]:
             state = inner.state[flat]
@@ -124,22 +146,12 @@ def gather_train_state(model, optimizer) -> dict:
         if n.endswith("score_bias"):  # the router bias: identical on every rank
             weights[n] = b.detach().float().cpu().clone()
     moments, step = {}, 0
-    params = list(model.named_parameters())
-    if _has_state(optimizer, [p for _, p in params]):
-        for n, p in params:
+    states = [st for st in _inner(optimizer).state.values() if "exp_avg" in st]
+    if states:  # none before the first step
+        for n, p in model.named_parameters():
             moments[n] = {key: _whole(optimizer, p, key) for key in MOMENTS}
-        step = _step(optimizer, [p for _, p in params])
+        step = int(states[0]["step"])
     return {"model": weights, "optimizer_state": {"step": step, "moments": moments}}
-
-
-def _has_state(optimizer, params) -> bool:
-    inner = optimizer.optimizer if any(_is_wrapped(p) for p in params) else optimizer
-    return any("exp_avg" in s for s in inner.state.values())
-
-
-def _step(optimizer, params) -> int:
-    inner = optimizer.optimizer if any(_is_wrapped(p) for p in params) else optimizer
-    return int(next(s["step"] for s in inner.state.values() if "step" in s))
 
 
 def scatter_train_state(model, optimizer, ckpt: dict):
@@ -147,7 +159,7 @@ def scatter_train_state(model, optimizer, ckpt: dict):
     weights, opt_state = ckpt["model"], ckpt["optimizer_state"]
     params = list(model.named_parameters())
     if opt_state["moments"]:
-        _ensure_state(optimizer, [p for _, p in params], opt_state["step"])
+        _ensure_state(optimizer, opt_state["step"])
     with torch.no_grad():
         for n, p in params:
             _set(optimizer, p, None, _my_slice(p, weights[n]))

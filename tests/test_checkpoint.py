@@ -21,9 +21,9 @@ from nanomoe_ds.config import ConfigError, GPTConfig, from_argv
 from nanomoe_ds.trainer import train
 
 OVER = dict(eval_interval=3, grad_clip=0.5, num_experts=4, num_experts_per_tok=2, bias_update_rate=0.01)
-TOPOLOGIES = {  # name: (ranks, ep_size, DeepSpeed JSON or None for the single-device trainer)
+TOPOLOGIES = {  # name: (ranks, ep_size, DeepSpeed JSON or None for the single-device trainer); fp32 unless named
     "local": (1, 1, None), "w2ep2-zero2": (2, 2, "zero2"), "w2ep1-zero2": (2, 1, "zero2"),
-    "w2ep2-zero1": (2, 2, "zero1"),
+    "w2ep2-zero1": (2, 2, "zero1"), "w2ep2-zero0": (2, 2, "zero0"), "w2ep2-zero0-bf16": (2, 2, "zero0"),
 }
 
 
@@ -34,7 +34,8 @@ def run_at(topology: str, char_data, out_dir, tmp_path, **over):
         model_cfg, train_cfg = from_argv(args)
         train(model_cfg, train_cfg)
         return
-    for r in run_ranks(ranks, ["--deepspeed_config", ds_json(tmp_path, json_name), *args, f"--ep_size={ep_size}"]):
+    ds = ds_json(tmp_path, json_name, bf16=topology.endswith("bf16"))
+    for r in run_ranks(ranks, ["--deepspeed_config", ds, *args, f"--ep_size={ep_size}"]):
         assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -61,6 +62,8 @@ def saved(char_data, tmp_path_factory):
     ("local", "w2ep2-zero2"),  # one device -> DeepSpeed EP=2
     ("w2ep2-zero1", "w2ep2-zero2"),  # ZeRO-1 -> ZeRO-2
     ("w2ep2-zero2", "w2ep2-zero1"),  # ZeRO-2 -> ZeRO-1
+    ("w2ep2-zero0", "local"),  # ZeRO-0, the optimizer's own parameters
+    ("w2ep2-zero0-bf16", "local"),  # ZeRO-0 bf16 (the shipped zero0.json): fp32 copies; bf16 vs fp32 tolerance
 ])
 def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_path, source, target):
     at3, continued = saved(source)
@@ -68,9 +71,10 @@ def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_p
     run_at(target, char_data, tmp_path / "run", tmp_path, max_iters=6, init_from="resume")
     resharded = train_rows(tmp_path / "run")[-4:]
     assert [r["iter"] for r in resharded] == [r["iter"] for r in continued] == [3, 4, 5, 6]
+    rel = 2e-2 if source.endswith("bf16") else 1e-5
     for a, b in zip(resharded, continued):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rel * 5)
 
 
 def test_checkpoint_records_topology(saved):
