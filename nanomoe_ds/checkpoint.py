@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, GPTConfig
+from .config import CKPT_NAME, ConfigError, GPTConfig, init_source
 from .model import GPT
-
-CKPT_NAME = "ckpt.pt"
 
 
 def rng_state() -> dict:
@@ -115,9 +113,18 @@ def load_optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.
                                   "exp_avg_sq": m["exp_avg_sq"].to(p.device, p.dtype).clone()}
 
 
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def model_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
+    """The model a checkpoint holds; checkpoints older than the `activation` key get its default, exact GELU."""
+    args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
+    model = GPT(GPTConfig(**args))
     sd = ckpt["model"]
     prefix = "_orig_mod."  # left by torch.compile
     model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()})
     return model
+
+
+def load_source(init_from: str, dropout: float) -> GPT:
+    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run's ckpt.pt."""
+    if init_source(init_from) == "hf":
+        return GPT.from_pretrained(init_from, {"dropout": dropout})
+    return model_from_checkpoint(load(init_from), dropout=dropout)
