@@ -15,7 +15,7 @@ from nanomoe_ds.checkpoint import load_source
 from nanomoe_ds.config import GATES, ConfigError, GPTConfig, from_argv
 from nanomoe_ds.model import GPT
 from nanomoe_ds.trainer import train
-from nanomoe_ds.upcycle import upcycle, upcycled_config
+from nanomoe_ds.upcycle import expert_spread, upcycle, upcycled_config
 
 BASE = dict(block_size=16, vocab_size=50, n_layer=4, n_head=2, n_embd=16, dropout=0.0)
 
@@ -90,6 +90,12 @@ def test_experts_are_copies_routers_fresh_and_settings_honoured():
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         assert (noisy.eval()(idx, idx)[0] - dense(idx, idx)[0]).abs().max() > 1e-4
+
+
+def test_expert_spread():
+    assert expert_spread(upcycle(dense_model(), moe_cfg()).transformer.h[0].mlp.experts.w_in) == 0.0
+    assert expert_spread(torch.eye(2)) == pytest.approx(2 ** 0.5)  # two orthogonal unit experts
+    assert expert_spread(torch.tensor([[1.0], [3.0]])) == pytest.approx(2 / 2)  # distance 2, mean norm 2
 
 
 def test_config_follows_the_source():
