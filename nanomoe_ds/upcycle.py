@@ -142,7 +142,7 @@ def upcycle(dense: GPT, moe_cfg: GPTConfig, router_std: float = 0.02, noise: flo
 def expert_spread(w: torch.Tensor) -> float:
     """How far apart the experts of a stacked weight [E, ...] are: the mean pairwise distance
     relative to the mean expert norm. 0 for exact copies; about sqrt(2) for independent random ones."""
-    flat = w.reshape(w.shape[0], -1).double()
+    flat = w.detach().reshape(w.shape[0], -1).double()
     E = flat.shape[0]
     pairwise = torch.cdist(flat[None], flat[None])[0].sum() / (E * (E - 1))
     return float(pairwise / flat.norm(dim=1).mean())
