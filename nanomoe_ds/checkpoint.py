@@ -69,14 +69,16 @@ def describe(topo: dict) -> str:
     return f"{topo['engine']} world {topo['world_size']}, ep_size {topo['ep_size']}{stage}, {topo['dtype']}"
 
 
-# Model keys that fix the parameters' shapes: on resume they follow the checkpoint. The
-# others (dropout, aux-loss weights, capacity, kernel, ...) follow the command line.
+# Model keys that fix the parameters' shapes, and the MLP nonlinearity the weights were trained
+# with: on resume they follow the checkpoint. The others (dropout, aux-loss weights, capacity,
+# kernel, ...) follow the command line.
 SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "use_moe", "num_experts",
-              "moe_every", "num_shared_experts", "expert_hidden", "expert_act")
+              "moe_every", "num_shared_experts", "expert_hidden", "expert_act", "activation")
 
 
 def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str]) -> GPTConfig:
     """The model config to resume with: shape keys from the checkpoint, refusing any that was given otherwise."""
+    saved_args = {"activation": "gelu", **saved_args}  # saved before the key existed: exact GELU
     differ = [k for k in SHAPE_KEYS if k in given and getattr(model_cfg, k) != saved_args[k]]
     if differ:
         listed = ", ".join(f"{k}={getattr(model_cfg, k)} (checkpoint: {saved_args[k]})" for k in differ)
