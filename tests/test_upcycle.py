@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_args
-from dist_utils import run_ranks
-from test_deepspeed import ds_json
+from dist_utils import ds_json, run_ranks
 
 from nanomoe_ds.checkpoint import load_source
 from nanomoe_ds.config import GATES, ConfigError, GPTConfig, from_argv
@@ -145,14 +144,31 @@ def step0(out_dir) -> tuple[float, float, float]:
     return ev["train_loss"], ev["val_loss"], tr["ce_loss"]
 
 
+def continue_dense(char_data, src, out) -> tuple[float, float, float]:
+    """The step-0 losses of continuing `src` dense on one device: what the upcycled run must start at."""
+    train(*from_argv(tiny_args(char_data, out, init_from=str(src), use_moe=False, max_iters=1, eval_interval=1)))
+    return step0(out)
+
+
 @pytest.fixture(scope="module")
 def dense_run(char_data, tmp_path_factory):
-    """A dense run of ours (3 steps) and the step-0 losses of continuing it dense on one device."""
+    """A dense run of ours (3 steps, GPT-2's tanh GELU), and its step-0 losses."""
     root = tmp_path_factory.mktemp("dense")
-    train(*from_argv(tiny_args(char_data, root / "src", use_moe=False, max_iters=3, eval_interval=3)))
-    train(*from_argv(tiny_args(char_data, root / "cont", init_from=str(root / "src"), use_moe=False,
-                               max_iters=1, eval_interval=1)))
-    return root / "src", step0(root / "cont")
+    train(*from_argv(tiny_args(char_data, root / "src", use_moe=False, max_iters=3, eval_interval=3,
+                               activation="gelu_tanh")))
+    return root / "src", continue_dense(char_data, root / "src", root / "cont")
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(char_data, tmp_path_factory):
+    """A tiny Hugging Face GPT-2 saved locally, and its step-0 losses. (Losses barely feel which GELU runs:
+    the logits tests above and tests/test_expert_parallel.py check that the experts keep the activation.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, n_positions=64)).save_pretrained(
+        root / "src")
+    return root / "src", continue_dense(char_data, root / "src", root / "cont")
 
 
 UPCYCLE = dict(max_iters=1, eval_interval=1, num_experts=4, num_experts_per_tok=2)
@@ -163,12 +179,13 @@ def test_trainer_upcycles_a_dense_run(char_data, tmp_path, dense_run):
     train(*from_argv(tiny_args(char_data, tmp_path, init_from=str(src), gate="sigmoid", **UPCYCLE)))
     assert step0(tmp_path) == pytest.approx(dense_losses, rel=1e-5)
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ck["model_args"]["use_moe"] and ck["model_args"]["activation"] == "gelu"
+    assert ck["model_args"]["use_moe"] and ck["model_args"]["activation"] == "gelu_tanh"  # the source's, not ours
 
 
-def test_deepspeed_ep2_upcycles_after_sharding(char_data, tmp_path, dense_run):
+@pytest.mark.parametrize("source", ["dense_run", "hf_gpt2"])
+def test_deepspeed_ep2_upcycles_after_sharding(char_data, tmp_path, source, request):
     """2 gloo ranks, ep_size=2, ZeRO-2 fp32: the full model is upcycled, then its experts are sharded."""
-    src, dense_losses = dense_run
+    src, dense_losses = request.getfixturevalue(source)
     res = run_ranks(2, ["--deepspeed_config", ds_json(tmp_path, "zero2"),
                         *tiny_args(char_data, tmp_path / "ds", init_from=str(src), ep_size=2, **UPCYCLE)])
     for r in res:
