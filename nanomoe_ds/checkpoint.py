@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, GPTConfig
+from .config import CKPT_NAME, ConfigError, GPTConfig, init_source
 from .model import GPT
-
-CKPT_NAME = "ckpt.pt"
 
 
 def rng_state() -> dict:
@@ -71,14 +69,16 @@ def describe(topo: dict) -> str:
     return f"{topo['engine']} world {topo['world_size']}, ep_size {topo['ep_size']}{stage}, {topo['dtype']}"
 
 
-# Model keys that fix the parameters' shapes: on resume they follow the checkpoint. The
-# others (dropout, aux-loss weights, capacity, kernel, ...) follow the command line.
+# Model keys that fix the parameters' shapes, and the MLP nonlinearity the weights were trained
+# with: on resume they follow the checkpoint. The others (dropout, aux-loss weights, capacity,
+# kernel, ...) follow the command line.
 SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "use_moe", "num_experts",
-              "moe_every", "num_shared_experts", "expert_hidden", "expert_act")
+              "moe_every", "num_shared_experts", "expert_hidden", "expert_act", "activation")
 
 
 def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str]) -> GPTConfig:
     """The model config to resume with: shape keys from the checkpoint, refusing any that was given otherwise."""
+    saved_args = {"activation": "gelu", **saved_args}  # saved before the key existed: exact GELU
     differ = [k for k in SHAPE_KEYS if k in given and getattr(model_cfg, k) != saved_args[k]]
     if differ:
         listed = ", ".join(f"{k}={getattr(model_cfg, k)} (checkpoint: {saved_args[k]})" for k in differ)
@@ -115,9 +115,18 @@ def load_optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.
                                   "exp_avg_sq": m["exp_avg_sq"].to(p.device, p.dtype).clone()}
 
 
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def model_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
+    """The model a checkpoint holds; checkpoints older than the `activation` key get its default, exact GELU."""
+    args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
+    model = GPT(GPTConfig(**args))
     sd = ckpt["model"]
     prefix = "_orig_mod."  # left by torch.compile
     model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()})
     return model
+
+
+def load_source(init_from: str, dropout: float) -> GPT:
+    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run's ckpt.pt."""
+    if init_source(init_from) == "hf":
+        return GPT.from_pretrained(init_from, {"dropout": dropout})
+    return model_from_checkpoint(load(init_from), dropout=dropout)

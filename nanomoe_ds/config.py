@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import json
 import math
 import os
 import sys
@@ -38,6 +39,18 @@ GATES = ("softmax_topk", "topk_softmax", "sigmoid")
 EXPERT_ACTS = ("gelu", "swiglu")
 MOE_IMPLS = ("auto", "grouped_mm", "bmm", "loop")
 CAPACITY_PRIORITIES = ("score", "position")
+# The MLP nonlinearity: exact GELU, or the tanh approximation GPT-2 was trained with
+# (Hugging Face's `gelu_new`). Dense MLPs, shared and routed experts all follow it.
+ACTIVATIONS = ("gelu", "gelu_tanh")
+# Hugging Face `activation_function` values -> ours (anything else is refused on loading).
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# The published GPT-2 checkpoints init_from accepts by name (fetched by transformers).
+HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
+                 "openai-community/gpt2", "openai-community/gpt2-medium", "openai-community/gpt2-large",
+                 "openai-community/gpt2-xl", "distilbert/distilgpt2")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                   "pytorch_model.bin.index.json")
+CKPT_NAME = "ckpt.pt"  # a run's single-device (or DeepSpeed-consolidated) checkpoint in its out_dir
 
 
 @dataclass
@@ -49,6 +62,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    activation: str = "gelu"  # gelu | gelu_tanh; set from the checkpoint when loading GPT-2
     # --- Mixture of Experts (names of the first three follow the nanoGPT-MoE seed) ---
     use_moe: bool = False
     num_experts: int = 8
@@ -85,7 +99,11 @@ class TrainConfig:
     eval_only: bool = False
     always_save_checkpoint: bool = True
     keep_last: int = 2  # DeepSpeed checkpoints (iter_N/) kept: the newest and one before it
-    init_from: str = "scratch"  # scratch | resume | gpt2[-medium|-large|-xl] | a local HF GPT-2 dir
+    # scratch | resume | a GPT-2 name (HF_GPT2_NAMES) | a local HF GPT-2 dir | the out_dir of a dense run.
+    # A dense source with use_moe=True is upcycled (upcycle.py).
+    init_from: str = "scratch"
+    upcycle_router_std: float = 0.02  # fresh router init when upcycling: its randomness breaks expert symmetry
+    upcycle_noise: float = 0.0  # > 0 perturbs expert copies multiplicatively (gives up the exact step-0 start)
     log_moe_stats: bool = True
     # wandb
     wandb_log: bool = False
@@ -237,6 +255,7 @@ def validate_model(c: GPTConfig):
         _check(getattr(c, k) > 0, f"{k} must be positive, got {getattr(c, k)}")
     _check(c.n_embd % c.n_head == 0, f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})")
     _check(0.0 <= c.dropout < 1.0, f"dropout must be in [0, 1), got {c.dropout}")
+    _check(c.activation in ACTIVATIONS, f"unknown activation '{c.activation}'; choose one of {', '.join(ACTIVATIONS)}")
     if not c.use_moe:
         return
     _check(c.num_experts >= 1, f"num_experts must be at least 1, got {c.num_experts}")
@@ -270,9 +289,12 @@ def validate_train(t: TrainConfig):
                             "choose another --out_dir")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
-    _check(t.init_from in ("scratch", "resume") or t.init_from.startswith("gpt2") or os.path.isdir(t.init_from),
-           f"unknown init_from '{t.init_from}'; choose scratch, resume, gpt2[-medium|-large|-xl] "
-           "or a local HuggingFace GPT-2 directory")
+    if init_source(t.init_from) == "run":
+        _check(os.path.realpath(t.init_from) != os.path.realpath(t.out_dir),
+               f"init_from and out_dir are the same directory ('{t.out_dir}'): the new run would overwrite its "
+               "source; choose another out_dir, or init_from=resume to continue that run")
+    for k in ("upcycle_router_std", "upcycle_noise"):
+        _check(getattr(t, k) >= 0 and math.isfinite(getattr(t, k)), f"{k} must be >= 0, got {getattr(t, k)}")
     _check(t.learning_rate > 0, f"learning_rate must be positive, got {t.learning_rate}")
     _check(not t.decay_lr or 0 <= t.min_lr <= t.learning_rate,
            f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) when decay_lr=True")
@@ -299,6 +321,38 @@ def _file_in_the_way(path: str) -> str | None:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return None if os.path.isdir(path) else path
+
+
+def init_source(init_from: str) -> str:
+    """What `init_from` names, checked without loading any weights.
+
+    Returns "scratch", "resume", "hf" (a GPT-2 name, or a local Hugging Face GPT-2
+    directory) or "run" (the out_dir of a run of ours: its ckpt.pt). Anything else
+    is refused in one line that says what was expected.
+    """
+    if init_from in ("scratch", "resume"):
+        return init_from
+    if os.path.isdir(init_from):
+        if os.path.isfile(os.path.join(init_from, CKPT_NAME)):
+            return "run"
+        hf_config = os.path.join(init_from, "config.json")
+        _check(os.path.isfile(hf_config), f"init_from '{init_from}' is a directory with neither a run of ours "
+                                          f"({CKPT_NAME}) nor a Hugging Face GPT-2 (config.json)")
+        try:
+            with open(hf_config) as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"init_from '{hf_config}' is not a readable JSON object") from None
+        _check(model_type == "gpt2", f"init_from '{init_from}' holds a Hugging Face '{model_type}' model; "
+                                     "only GPT-2 (model_type gpt2) can be loaded")
+        _check(any(os.path.isfile(os.path.join(init_from, w)) for w in HF_WEIGHT_FILES),
+               f"init_from '{init_from}' has a GPT-2 config.json but no weights ({' or '.join(HF_WEIGHT_FILES[:2])})")
+        return "hf"
+    _check(init_from in HF_GPT2_NAMES,
+           f"unknown init_from '{init_from}'; expected scratch, resume, a GPT-2 name ({', '.join(HF_GPT2_NAMES[:5])}, "
+           f"or openai-community/ forms), a local Hugging Face GPT-2 directory, or the out_dir of a run of ours "
+           f"(holding {CKPT_NAME})")
+    return "hf"
 
 
 def to_dict(model: GPTConfig, train: TrainConfig) -> dict:

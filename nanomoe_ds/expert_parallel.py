@@ -36,7 +36,7 @@ class ExpertParallelExperts(GroupedExperts):
             raise ValueError(f"num_experts ({experts.num_experts}) must be divisible by ep_size ({ep_size})")
         self.group, self.ep_size = group, ep_size
         self.num_experts = experts.num_experts // ep_size  # local: what the expert math loops over
-        self.act, self.impl, self._kernel_for = experts.act, experts.impl, {}
+        self.act, self.activation, self.impl, self._kernel_for = experts.act, experts.activation, experts.impl, {}
         start = dist.get_rank(group) * self.num_experts
         for name in EXPERT_PARAMS:  # the slice of the full, seeded init; the same parameter names
             p = getattr(experts, name)

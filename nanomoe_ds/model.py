@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig
+from .config import HF_ACTIVATIONS, ConfigError, GPTConfig
 from .moe import MLP, MoE, init_moe_
 
 
@@ -55,7 +55,7 @@ class Block(nn.Module):
         if cfg.is_moe_layer(layer_idx):
             self.mlp = MoE(cfg)
         else:
-            self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout)
+            self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout, cfg.activation)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -157,10 +157,12 @@ class GPT(nn.Module):
 
         override_args = override_args or {}
         assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
-        hf = GPT2LMHeadModel.from_pretrained(model_type_or_path)
-        hc = hf.config
-        cfg = GPTConfig(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, vocab_size=hc.vocab_size,
-                        block_size=hc.n_positions, bias=True, **override_args)
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(model_type_or_path)
+        except OSError as e:  # no network, no cache, a damaged file: say so in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot load GPT-2 '{model_type_or_path}' with transformers: {first}") from None
+        cfg = GPTConfig(**gpt_config_from_hf(hf.config), **override_args)
         model = cls(cfg)
         sd = model.state_dict()
         sd_hf = {k: v for k, v in hf.state_dict().items()
@@ -212,3 +214,22 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
         return idx
+
+
+def gpt_config_from_hf(hc) -> dict:
+    """GPTConfig keys for a transformers GPT2Config; variants this model can't reproduce are refused in one line."""
+    unsupported = {
+        "activation_function": (hc.activation_function not in HF_ACTIVATIONS,
+                                f"one of {', '.join(HF_ACTIVATIONS)}"),
+        "n_inner": (hc.n_inner not in (None, 4 * hc.n_embd), f"None or 4 * n_embd ({4 * hc.n_embd})"),
+        "layer_norm_epsilon": (hc.layer_norm_epsilon != 1e-5, "1e-5"),
+        "scale_attn_weights": (not hc.scale_attn_weights, "True"),
+        "scale_attn_by_inverse_layer_idx": (hc.scale_attn_by_inverse_layer_idx, "False"),
+        "add_cross_attention": (hc.add_cross_attention, "False"),
+    }
+    for key, (bad, want) in unsupported.items():
+        if bad:
+            raise ConfigError(f"this GPT-2 has {key}={getattr(hc, key)!r}, which this model does not implement "
+                              f"(it needs {want})")
+    return dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, vocab_size=hc.vocab_size,
+                block_size=hc.n_positions, bias=True, activation=HF_ACTIVATIONS[hc.activation_function])

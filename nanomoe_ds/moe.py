@@ -86,9 +86,10 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, d: int, hidden: int, act: str = "gelu", bias: bool = True,
-                 impl: str = "auto"):
+                 impl: str = "auto", activation: str = "gelu"):
         super().__init__()
         self.num_experts, self.act, self.impl = num_experts, act, impl
+        self.activation = activation  # which GELU a non-gated expert uses (config.ACTIVATIONS)
         self.w_in = nn.Parameter(torch.empty(num_experts, d, hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, d))
         self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if act == "swiglu" else None
@@ -161,7 +162,7 @@ class GroupedExperts(nn.Module):
         if self.act == "swiglu":
             h = F.silu(linear(x, w_gate, None)) * h
         else:
-            h = F.gelu(h)
+            h = gelu(h, self.activation)
         return linear(h, w_out, b_out)
 
 
@@ -201,17 +202,23 @@ class _AddGroupedBias(torch.autograd.Function):
         return grad, grad_b, None, None
 
 
+def gelu(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP nonlinearity: exact GELU, or the tanh approximation GPT-2 was trained with ("gelu_tanh")."""
+    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
 class MLP(nn.Module):
     """The GPT-2 MLP: also the dense block and the shared experts of DeepSeekMoE."""
 
-    def __init__(self, d: int, hidden: int, bias: bool, dropout: float = 0.0):
+    def __init__(self, d: int, hidden: int, bias: bool, dropout: float = 0.0, activation: str = "gelu"):
         super().__init__()
         self.c_fc = nn.Linear(d, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, d, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.activation = activation
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(gelu(self.c_fc(x), self.activation)))
 
 
 class MoE(nn.Module):
@@ -223,9 +230,9 @@ class MoE(nn.Module):
         self.num_experts, self.k = cfg.num_experts, cfg.num_experts_per_tok
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg.num_experts, cfg.n_embd, cfg.expert_hidden, cfg.expert_act,
-                                      cfg.bias, cfg.moe_impl)
-        self.shared_mlp = (MLP(cfg.n_embd, cfg.num_shared_experts * cfg.expert_hidden, cfg.bias)
-                           if cfg.num_shared_experts else None)
+                                      cfg.bias, cfg.moe_impl, cfg.activation)
+        self.shared_mlp = (MLP(cfg.n_embd, cfg.num_shared_experts * cfg.expert_hidden, cfg.bias,
+                               activation=cfg.activation) if cfg.num_shared_experts else None)
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss = self.z_loss = None  # set by each training forward
         self.last_routing = None  # (kept tokens per expert, dropped, all assignments) of the last forward

@@ -23,6 +23,7 @@ from . import checkpoint, metrics, precision
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
+from .upcycle import upcycle
 
 
 class Engine(Protocol):
@@ -202,10 +203,18 @@ def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
 
 
 def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
-    if t.init_from not in ("scratch", "resume"):  # pretrained GPT-2: a hub name or a local directory
-        if m.use_moe:
-            raise ConfigError(f"init_from={t.init_from} loads a dense GPT-2; drop use_moe=True to fine-tune it")
-        return GPT.from_pretrained(t.init_from, {"dropout": m.dropout})
+    """A new model (scratch, resume), or one started from a dense source: with use_moe=True, upcycled."""
+    if t.init_from not in ("scratch", "resume"):  # a GPT-2 (name or HF directory) or a dense run's out_dir
+        dense = checkpoint.load_source(t.init_from, m.dropout)
+        if dense.config.use_moe:
+            raise ConfigError(f"init_from '{t.init_from}' is an MoE run; init_from=resume continues it "
+                              "(with out_dir set to it), and upcycling starts from a dense model")
+        if m.block_size > dense.config.block_size:
+            raise ConfigError(f"block_size ({m.block_size}) exceeds the context of init_from '{t.init_from}' "
+                              f"({dense.config.block_size}); use block_size <= {dense.config.block_size}")
+        if not m.use_moe:
+            return dense
+        return upcycle(dense, m, t.upcycle_router_std, t.upcycle_noise, seed=t.seed)
     meta = load_meta(resolve_data_dir(t.dataset, t.data_dir))
     m.vocab_size, why = choose_vocab(meta, m.vocab_size, GPTConfig.vocab_size)  # nanoGPT: the data's vocab
     if why and int(os.environ.get("RANK", "0")) == 0:

@@ -105,6 +105,14 @@ def test_resume_takes_shape_from_checkpoint_and_the_rest_from_the_command_line()
     assert (got.n_layer, got.num_experts, got.use_moe, got.dropout) == (2, 4, True, 0.1)
 
 
+def test_resume_keeps_the_checkpoints_activation():
+    """An upcycled GPT-2 trains with gelu_tanh; resuming it must not fall back to the default exact GELU."""
+    saved_args = vars(GPTConfig(n_layer=2, n_embd=32, n_head=2, activation="gelu_tanh"))
+    assert checkpoint.resume_model_config(saved_args, GPTConfig(), given=set()).activation == "gelu_tanh"
+    del saved_args["activation"]  # a checkpoint from before the key: exact GELU, as it was trained
+    assert checkpoint.resume_model_config(saved_args, GPTConfig(activation="gelu_tanh"), set()).activation == "gelu"
+
+
 def test_truncated_checkpoint_is_one_line_error(char_data, tmp_path):
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=3))
     train(model_cfg, train_cfg)

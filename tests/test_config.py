@@ -1,4 +1,6 @@
 """Config parsing: presets, overrides, types, and one-line refusals."""
+import json
+
 import pytest
 
 from nanomoe_ds import config
@@ -15,12 +17,17 @@ def test_preset_then_overrides_in_order(tmp_path):
     assert m.expert_hidden == 4 * m.n_embd
 
 
-def test_seed_keys_and_presets_load():
+def test_seed_keys_and_presets_load(tmp_path):
     m, t = from_argv([str(REPO / "launch/config/train_shakespeare_char_moe.py")])
     assert m.use_moe and m.num_experts == 8 and m.num_experts_per_tok == 2
     assert t.out_dir == "out-shakespeare-char-moe" and t.dataset == "shakespeare_char"
     for p in (REPO / "launch/config").glob("*.py"):
-        from_argv([str(p)])  # every shipped preset is valid
+        argv = [str(p)]
+        if config.load_preset(str(p)).get("init_from", "").startswith("out-"):  # starts from a run of ours:
+            (tmp_path / "run").mkdir(exist_ok=True)                             # stand one in
+            (tmp_path / "run" / "ckpt.pt").touch()
+            argv.append(f"--init_from={tmp_path / 'run'}")
+        from_argv(argv)  # every shipped preset is valid
 
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
@@ -44,7 +51,10 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["--use_moe=True", "--expert_hidden=-4"], "expert_hidden must be a positive integer"),
     (["--dtype=fp8"], "unknown dtype 'fp8'"),
     (["--device=tpu"], "unknown device 'tpu'"),
-    (["--init_from=gpt3"], "unknown init_from 'gpt3'"),
+    (["--init_from=gpt3"], "unknown init_from 'gpt3'; expected scratch, resume, a GPT-2 name (gpt2, gpt2-medium"),
+    (["--init_from=gpt2-foo"], "unknown init_from 'gpt2-foo'"),
+    (["--activation=relu"], "unknown activation 'relu'; choose one of gelu, gelu_tanh"),
+    (["--upcycle_noise=-0.1"], "upcycle_noise must be >= 0"),
     (["missing_preset.py"], "cannot read preset file 'missing_preset.py'"),
     (["--max_iters"], "--max_iters needs a value"),
 ])
@@ -70,3 +80,39 @@ def test_deepspeed_launcher_args_are_accepted():
 
 def test_keys_are_unique_across_configs():
     assert not config.MODEL_KEYS & config.TRAIN_KEYS
+
+
+@pytest.mark.parametrize("name", config.HF_GPT2_NAMES)
+def test_every_listed_gpt2_name_is_accepted(name):
+    assert config.init_source(name) == "hf"
+    assert from_argv([f"--init_from={name}", "--use_moe=True"])[1].init_from == name
+
+
+def write_hf_dir(path, model_type="gpt2", weights=True):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    if weights:
+        (path / "model.safetensors").touch()
+    return str(path)
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda d: write_hf_dir(d, "bert"), "holds a Hugging Face 'bert' model; only GPT-2 (model_type gpt2) can be loaded"),
+    (lambda d: write_hf_dir(d, weights=False), "has a GPT-2 config.json but no weights"),
+    (lambda d: d.mkdir() or str(d), "is a directory with neither a run of ours (ckpt.pt) nor a Hugging Face GPT-2"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("[1]"))[0] or str(d), "config.json' is not a readable JSON"),
+])
+def test_local_directories_are_checked_before_loading(tmp_path, make, msg):
+    path = make(tmp_path / "src")
+    with pytest.raises(ConfigError) as e:
+        from_argv([f"--init_from={path}"])
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_local_sources_are_recognised(tmp_path):
+    assert config.init_source(write_hf_dir(tmp_path / "hf")) == "hf"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").touch()
+    assert config.init_source(str(tmp_path / "run")) == "run"
+    with pytest.raises(ConfigError, match="^init_from and out_dir are the same directory .* would overwrite its source"):
+        from_argv([f"--init_from={tmp_path / 'run'}", f"--out_dir={tmp_path / 'run'}"])

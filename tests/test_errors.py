@@ -75,6 +75,8 @@ ROWS = [
         "an unknown router"),
     Row("train", "<tiny> --expert_act=relu", "unknown expert_act 'relu'; choose one of gelu, swiglu",
         "an unknown expert activation"),
+    Row("train", "<tiny> --activation=relu", "unknown activation 'relu'; choose one of gelu, gelu_tanh",
+        "an unknown MLP nonlinearity"),
     Row("train", "<tiny> --moe_impl=triton", "unknown moe_impl 'triton'; choose one of auto, grouped_mm, bmm, loop",
         "an unknown expert kernel"),
     Row("train", "<tiny> --capacity_priority=random",
@@ -138,6 +140,27 @@ ROWS = [
         "a --vocab_size smaller than the data's largest token"),
     Row("train", "<tiny> --init_from=resume", "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir",
         "resuming where nothing was saved"),
+    # ------------------------------------------------ init_from: what to start from (checked before loading)
+    Row("train", "<tiny> --init_from=gpt3",
+        "unknown init_from 'gpt3'; expected scratch, resume, a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+        "distilgpt2, or openai-community/ forms), a local Hugging Face GPT-2 directory, or the out_dir of a run of ours "
+        "(holding ckpt.pt)", "a name that is not a listed GPT-2 nor a directory"),
+    Row("train", "<tiny> --init_from=<tmp>/src",
+        "init_from '<tmp>/src' is a directory with neither a run of ours (ckpt.pt) nor a Hugging Face GPT-2 "
+        "(config.json)", "a directory holding no model", files=(("src/notes.txt", "x"),)),
+    Row("train", "<tiny> --init_from=<tmp>/bert",
+        "init_from '<tmp>/bert' holds a Hugging Face 'bert' model; only GPT-2 (model_type gpt2) can be loaded",
+        "a Hugging Face directory of another model", files=(("bert/config.json", '{"model_type": "bert"}'),)),
+    Row("train", "<tiny> --init_from=<tmp>/hf",
+        "init_from '<tmp>/hf' has a GPT-2 config.json but no weights (model.safetensors or pytorch_model.bin)",
+        "a Hugging Face GPT-2 directory without weights", files=(("hf/config.json", '{"model_type": "gpt2"}'),)),
+    Row("train", "<tiny> --init_from=<ckpt> --out_dir=<ckpt>",
+        "init_from and out_dir are the same directory ('<ckpt>'): the new run would overwrite its source",
+        "starting from a run into its own out_dir"),
+    Row("train", "<tiny> --init_from=<ckpt>", "init_from '<ckpt>' is an MoE run; init_from=resume continues it",
+        "an MoE run as the dense source (upcycling starts from a dense model)"),
+    Row("train", "<tiny> --upcycle_noise=-1", "upcycle_noise must be >= 0, got -1.0",
+        "a negative upcycle_noise or upcycle_router_std"),
     # ------------------------------------------------ the DeepSpeed JSON (read before any process group)
     Row("train", "<tiny> --deepspeed_config=<tmp>/nope.json",
         "--deepspeed_config: no such file '<tmp>/nope.json'; see ds_configs/", "a JSON path that is not there"),
@@ -309,8 +332,11 @@ def render() -> str:
               "- a failed download or checksum of Tiny Shakespeare, tiktoken's BPE file or the Hugging Face hub",
               "  in the prepare scripts: need the network; the checksum and download refusals are tested in",
               "  tests/test_prepare.py;",
-              "- `--init_from` naming a pretrained model (an unknown name, a dense GPT-2 with use_moe): tested in",
-              "  tests/test_config.py and tests/test_train.py;",
+              "- upcycling settings that can't start where the dense model left off (expert_hidden narrower than",
+              "  the dense MLP, swiglu experts, capacity_factor > 0) and GPT-2 variants this model does not implement",
+              "  (another activation_function, n_inner, layer_norm_epsilon): they need a dense source; tested",
+              "  in-process in tests/test_upcycle.py and tests/test_model.py;",
+              "- a GPT-2 name with no network and no cache: tested in-process in tests/test_model.py;",
               "- the benchmark scripts' argument checks (launch/bench*.py), which are not part of training.", ""]
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ E, D, WORLD = 4, 8, 2
 def make_layer():
     torch.manual_seed(0)
     cfg = GPTConfig(n_embd=D, n_head=1, use_moe=True, num_experts=E, num_experts_per_tok=2, expert_hidden=16,
-                    moe_impl="loop")
+                    moe_impl="loop", activation="gelu_tanh")  # not the default: the sharded experts must keep it
     layer = MoE(cfg).double()
     with torch.no_grad():
         for p in layer.parameters():

@@ -1,9 +1,12 @@
 """GPT: shapes, causality, MoE on/off, parameter counts, GPT-2 loading."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanomoe_ds.config import GPTConfig
+from nanomoe_ds import checkpoint
+from nanomoe_ds.config import ConfigError, GPTConfig
 from nanomoe_ds.model import GPT
 from nanomoe_ds.moe import MLP, MoE
 
@@ -128,15 +131,67 @@ def test_generate_top_k_and_length():
     assert out.shape == (1, 21)
 
 
-def test_from_pretrained_matches_transformers(tmp_path):
-    """Load a tiny GPT2LMHeadModel saved locally and match its logits."""
+@pytest.mark.parametrize("hf_act, ours", [("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"),
+                                          ("gelu_fast", "gelu_tanh"), ("gelu", "gelu")])
+def test_from_pretrained_matches_transformers(tmp_path, hf_act, ours):
+    """Load a tiny GPT2LMHeadModel saved locally and match its logits, in its own GELU."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16)).eval()
+    # initializer_range 0.2 (not 0.02): pre-activations large enough for the two GELUs to differ visibly
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                    activation_function=hf_act, initializer_range=0.2)).eval()
     hf.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.activation == ours
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         ref = hf(idx).logits
-        ours, _ = model(idx, idx)
-    assert torch.allclose(ours, ref, atol=1e-5)
+        ours_logits, _ = model(idx, idx)
+        torch.testing.assert_close(ours_logits, ref, rtol=0, atol=1e-5)
+        for block in model.transformer.h:  # the other GELU: the test has teeth
+            block.mlp.activation = "gelu" if ours == "gelu_tanh" else "gelu_tanh"
+        assert (model(idx, idx)[0] - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("hf_kw, msg", [
+    (dict(activation_function="relu"), "this GPT-2 has activation_function='relu', which this model does not implement"),
+    (dict(n_inner=24), "this GPT-2 has n_inner=24"),
+    (dict(layer_norm_epsilon=1e-6), "this GPT-2 has layer_norm_epsilon=1e-06"),
+    (dict(scale_attn_by_inverse_layer_idx=True), "this GPT-2 has scale_attn_by_inverse_layer_idx=True"),
+])
+def test_from_pretrained_refuses_variants_it_cannot_reproduce(tmp_path, hf_kw, msg):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50, n_positions=16, **hf_kw)).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        GPT.from_pretrained(str(tmp_path))
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_unreachable_gpt2_name_is_one_line(tmp_path, monkeypatch):
+    """No network and no cache: transformers' OSError becomes one line."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, without retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # even where it is cached
+    with pytest.raises(ConfigError) as e:
+        GPT.from_pretrained("distilgpt2")
+    assert str(e.value).startswith("cannot load GPT-2 'distilgpt2' with transformers: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_activation_is_followed_by_dense_shared_and_routed_mlps(activation):
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=True, moe_every=2, num_shared_experts=1, activation=activation))
+    dense_mlp, moe = model.transformer.h[0].mlp, model.transformer.h[1].mlp
+    assert dense_mlp.activation == moe.shared_mlp.activation == moe.experts.activation == activation
+    x = torch.randn(5, 16) * 3
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    expected = dense_mlp.c_proj(F.gelu(dense_mlp.c_fc(x), approximate=approximate))
+    torch.testing.assert_close(dense_mlp(x), expected, rtol=0, atol=0)
+
+
+def test_checkpoints_from_before_the_activation_key_load_with_exact_gelu():
+    model = GPT(tiny())
+    args = dataclasses.asdict(model.config)
+    del args["activation"]
+    loaded = checkpoint.model_from_checkpoint({"model_args": args, "model": model.state_dict()}, dropout=0.1)
+    assert loaded.config.activation == "gelu" and loaded.config.dropout == 0.1

@@ -110,8 +110,12 @@ def test_finetune_from_local_gpt2(char_data, tmp_path):
     assert len(res["train_losses"]) == 3
     ck = __import__("torch").load(tmp_path / "out" / "ckpt.pt", weights_only=False)
     assert ck["model_args"]["block_size"] == 32  # cropped from the pretrained 64
-    with pytest.raises(ConfigError, match="loads a dense GPT-2; drop use_moe=True"):
-        run_tiny(char_data, tmp_path / "out2", init_from=str(tmp_path / "hf"))
+    # use_moe=True upcycles it: the step-0 losses are the dense model's
+    run_tiny(char_data, tmp_path / "moe", init_from=str(tmp_path / "hf"), max_iters=0, eval_interval=2)
+    step0 = [[r for r in read_metrics(out) if "val_loss" in r][0] for out in (tmp_path / "out", tmp_path / "moe")]
+    assert step0[1]["val_loss"] == pytest.approx(step0[0]["val_loss"], rel=1e-5)
+    with pytest.raises(ConfigError, match=r"^block_size \(128\) exceeds the context of init_from '.*' \(64\)"):
+        run_tiny(char_data, tmp_path / "long", init_from=str(tmp_path / "hf"), block_size=128)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA is not available")
