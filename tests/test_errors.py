@@ -194,7 +194,7 @@ ROWS = [
     Row("train", TINY_DS, "ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2",
         "ZeRO-3 with use_moe=True", files=(("ds.json", '{"zero_optimization": {"stage": 3}}'),), one_rank=True),
     Row("train", "<tiny> --deepspeed_config=ds_configs/zero2.json --init_from=resume",
-        "no DeepSpeed checkpoint in <tmp>; train first, or check --out_dir", "resuming where DeepSpeed saved nothing",
+        "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir", "resuming where DeepSpeed saved nothing",
         one_rank=True),
     # ------------------------------------------------ launch/sample.py
     Row("sample", "--temperature=0", "--temperature must be a positive number, got 0.0",
