@@ -76,20 +76,54 @@ def test_hung_rank_ends_the_job_after_dist_timeout(char_data, tmp_path):
             p.communicate()
 
 
-def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path):
+@pytest.fixture
+def two_hosts(request):
+    """(hostfile lines, [(command prefix, env) per node], master address) for two 'nodes' on this machine.
+
+    loopback: two names of this machine. netns: two network namespaces joined by a veth
+    pair (root and iproute2 needed; the namespaces, their link and addresses exist only for
+    this test and are deleted after it).
+    """
+    if request.param == "loopback":
+        yield "127.0.0.1 slots=1\nlocalhost slots=1\n", [([], loopback_env())] * 2, "127.0.0.1"
+        return
+    tag = f"{os.getpid() % 100000}"
+    spaces, links, addrs = [f"nmds{tag}a", f"nmds{tag}b"], [f"nmv{tag}a", f"nmv{tag}b"], ["10.77.0.1", "10.77.0.2"]
+    setup = [["ip", "netns", "add", spaces[0]], ["ip", "netns", "add", spaces[1]],
+             ["ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1]]]
+    for ns, link, addr in zip(spaces, links, addrs):
+        setup += [["ip", "link", "set", link, "netns", ns], ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", link],
+                  ["ip", "-n", ns, "link", "set", link, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    try:
+        for cmd in setup:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                pytest.skip(f"cannot make network namespaces here ({' '.join(cmd)}: {r.stderr.strip()})")
+        nodes = [(["ip", "netns", "exec", ns], {**loopback_env(), "GLOO_SOCKET_IFNAME": link, "MASTER_ADDR": addrs[0]})
+                 for ns, link in zip(spaces, links)]
+        yield f"{addrs[0]} slots=1\n{addrs[1]} slots=1\n", nodes, addrs[0]
+    finally:
+        for ns in spaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("two_hosts", ["loopback", "netns"], indirect=True)
+def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path, two_hosts):
     """Two 'nodes' (one rank each), each started by its own `deepspeed --no_ssh --node_rank N`,
-    train and checkpoint as the same 2 ranks started by one launcher."""
+    train and checkpoint as the same 2 ranks started by one launcher. In the netns case the
+    nodes reach each other only through their veth pair, as two machines on a network would."""
+    hosts, nodes, master = two_hosts
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")  # two names for this machine
+    hostfile.write_text(hosts)
     port, args = free_port(), ["--deepspeed_config", ZERO2, "--ep_size=2"]
-    nodes = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2",
-                               "--num_gpus", "1", "--node_rank", str(n), "--master_addr", "127.0.0.1",
+    procs = [subprocess.Popen([*prefix, "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2",
+                               "--num_gpus", "1", "--node_rank", str(n), "--master_addr", master,
                                "--master_port", str(port), "launch/train.py", *args,
                                *tiny_args(char_data, tmp_path / "nodes", max_iters=3, eval_interval=3)],
-                              cwd=REPO, env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for n in range(2)]
-    outs = [p.communicate(timeout=300) for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n, (prefix, env) in enumerate(nodes)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     one = start_ranks(2, [*args, *tiny_args(char_data, tmp_path / "one", max_iters=3, eval_interval=3)])
     outs = [p.communicate(timeout=300) for p in one]
     assert [p.returncode for p in one] == [0, 0], outs[0][1][-3000:]
