@@ -152,7 +152,9 @@ class Preemption:
     """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at the next step boundary.
 
     SLURM and Kubernetes preempt with SIGTERM (SLURM can send SIGUSR1 earlier with
-    --signal); Ctrl-C is SIGINT. A second signal stops at once, as without this.
+    --signal); Ctrl-C is SIGINT. The same signal a second time stops at once, as
+    without this. A different one does not: on Ctrl-C the deepspeed launcher's per-node
+    process forwards SIGTERM to ranks that got the SIGINT themselves a moment before.
     Handlers can only be set from the main thread; elsewhere this does nothing.
     """
 
@@ -160,16 +162,19 @@ class Preemption:
 
     def __init__(self):
         self.requested: str | None = None
+        self.received: set[str] = set()
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.requested is not None:  # asked twice: stop now
+        name = signal.Signals(signum).name
+        if name in self.received:  # asked twice: stop now
             self.restore()
             signal.raise_signal(signum)
             return
-        self.requested = signal.Signals(signum).name
+        self.received.add(name)
+        self.requested = self.requested or name
 
     def restore(self):
         for s, handler in self.previous.items():

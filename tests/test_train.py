@@ -128,3 +128,23 @@ def test_cuda_trains_in_auto_dtype(char_data, tmp_path, compile):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert rows[-1]["peak_mem_gib"] > 0
+
+
+def test_preemption_flag_same_signal_twice_stops_at_once():
+    """A first signal only sets the flag; a different one keeps waiting; the same one twice is final."""
+    import os
+    import signal
+    from nanomoe_ds.trainer import Preemption
+    original = signal.getsignal(signal.SIGUSR1)
+    preemption = Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # delivered to the handler: the process lives on
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. the launcher forwarding the user's Ctrl-C
+        assert preemption.requested == "SIGUSR1" and preemption.received == {"SIGUSR1", "SIGTERM"}
+        preemption.previous[signal.SIGUSR1] = signal.SIG_IGN  # what "at once" re-raises into, made harmless
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.previous == {}  # handlers restored and the signal re-raised
+        assert signal.getsignal(signal.SIGTERM) != preemption._handle
+    finally:
+        preemption.restore()
+        signal.signal(signal.SIGUSR1, original)
