@@ -112,6 +112,7 @@ class TrainConfig:
     # monitoring (metrics.py; README "Monitoring")
     tensorboard_dir: str = ""  # TensorBoard event files go here when set
     progress: bool = True  # a tqdm bar on rank 0, only when stdout is a terminal
+    profile: bool = False  # after 5 warm-up steps, time 3 steps by part (attention, router, experts, ...)
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 looks it up in metrics.PEAK_TFLOPS
     # data
     dataset: str = "openwebtext"

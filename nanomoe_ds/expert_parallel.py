@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
+from torch.profiler import record_function
 
 from .dispatch import gather_rows
 from .moe import EXPERT_PARAMS, GroupedExperts, MoE
@@ -47,16 +48,18 @@ class ExpertParallelExperts(GroupedExperts):
         P, L = self.ep_size, self.num_experts
         send = counts.view(P, L)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # recv[s, e]: rows from rank s for local expert e
-        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        x_recv = dist_fn.all_to_all_single(xs.new_empty(sum(out_splits), xs.shape[-1]), xs,
-                                           out_splits, in_splits, group=self.group)
+        with record_function("moe.all_to_all"):
+            dist.all_to_all_single(recv, send, group=self.group)  # recv[s, e]: rows from rank s for local expert e
+            in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+            x_recv = dist_fn.all_to_all_single(xs.new_empty(sum(out_splits), xs.shape[-1]), xs,
+                                               out_splits, in_splits, group=self.group)
         local_expert = torch.repeat_interleave(torch.arange(L, device=xs.device).repeat(P), recv.reshape(-1))
         by_expert = torch.argsort(local_expert, stable=True)  # (source, expert) -> (expert, source)
         y_local = super().forward(gather_rows(x_recv, by_expert), recv.sum(0))
         y_recv = torch.empty_like(y_local).index_copy(0, by_expert, y_local)
-        return dist_fn.all_to_all_single(y_recv.new_empty(xs.shape[0], y_recv.shape[-1]), y_recv,
-                                         in_splits, out_splits, group=self.group)
+        with record_function("moe.all_to_all"):
+            return dist_fn.all_to_all_single(y_recv.new_empty(xs.shape[0], y_recv.shape[-1]), y_recv,
+                                             in_splits, out_splits, group=self.group)
 
 
 def parallelize_experts_(moe: MoE, group, ep_size: int):

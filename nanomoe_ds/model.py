@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from .config import HF_ACTIVATIONS, ConfigError, GPTConfig
 from .moe import MLP, MoE, init_moe_
@@ -58,7 +59,8 @@ class Block(nn.Module):
             self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout, cfg.activation)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+        with record_function("attention"):  # a named range for --profile
+            x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))  # the residual the seed dropped
 
 

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from . import kernels
 from .config import GPTConfig
@@ -248,12 +249,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         xt = x.reshape(-1, C)
-        topk_idx, topk_w, logits, probs = self.router(xt)
-        cap = capacity(xt.shape[0], self.k, self.num_experts, self.capacity_factor())
-        perm = permute(topk_idx, topk_w, self.num_experts, cap, self.cfg.capacity_priority)
-        xs = xt[perm.token_idx]
-        ys = self.experts(xs, perm.counts)  # local, or sharded over ranks (expert_parallel.py): the same call
-        out = unpermute(ys, perm, topk_w).to(x.dtype)
+        with record_function("moe.router+permute"):  # named ranges for --profile (free otherwise)
+            topk_idx, topk_w, logits, probs = self.router(xt)
+            cap = capacity(xt.shape[0], self.k, self.num_experts, self.capacity_factor())
+            perm = permute(topk_idx, topk_w, self.num_experts, cap, self.cfg.capacity_priority)
+            xs = xt[perm.token_idx]
+        with record_function("moe.experts"):
+            ys = self.experts(xs, perm.counts)  # local, or sharded over ranks (expert_parallel.py): the same call
+        with record_function("moe.unpermute"):
+            out = unpermute(ys, perm, topk_w).to(x.dtype)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(xt)
         self._record(topk_idx, logits, probs, perm)

@@ -18,8 +18,9 @@ from dataclasses import asdict
 from typing import Protocol
 
 import torch
+from torch.profiler import record_function
 
-from . import checkpoint, metrics, precision
+from . import checkpoint, metrics, precision, profiling
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
@@ -296,9 +297,18 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
             if t.eval_only or iter_num > t.max_iters:
                 break
             logging = iter_num % t.log_interval == 0
+            if t.profile and local_iter == PROFILE_AFTER:  # past warm-up (and compilation)
+                prof, prof_ms = profiling.profiler(str(engine.device).split(":")[0]), 0.0
+                prof.start()
+            step_t0 = time.time()
             losses, grad_norm, stop_requested = train_step(engine, batches, t, my_micro, iter_num, lr,
                                                            preemption.requested is not None,
                                                            tally if logging else None)
+            if t.profile and PROFILE_AFTER <= local_iter < PROFILE_AFTER + profiling.STEPS:
+                prof_ms += (time.time() - step_t0) * 1000
+                if local_iter == PROFILE_AFTER + profiling.STEPS - 1:
+                    prof.stop()
+                    report_profile(prof, engine, t, log, prof_ms)
             check_finite({"loss": float(losses[0]), "gradient norm": grad_norm}, iter_num, t.out_dir)
             result["train_losses"].append(float(losses[0]))
             t1 = time.time()
@@ -320,6 +330,18 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
     finally:
         preemption.restore()
     return result
+
+
+PROFILE_AFTER = 5  # warm-up steps before --profile measures
+
+
+def report_profile(prof, engine: Engine, t: TrainConfig, log: metrics.MetricsLog, wall_ms: float):
+    """Rank 0 prints the step's breakdown and writes out_dir/profile.json."""
+    if engine.rank != 0:
+        return
+    ranges = profiling.totals(prof, str(engine.device).split(":")[0])
+    rows = profiling.report(ranges, wall_ms, profiling.STEPS)
+    log.print(profiling.write(rows, t.out_dir, wall_ms, profiling.STEPS))
 
 
 def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int,
@@ -358,15 +380,18 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
     parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
     for micro in micro_ids:
         x, y = batches.get("train", iter_num, micro)
-        _, loss = engine.forward(x, y)
-        engine.backward(loss)
+        with record_function("forward"):  # named ranges for --profile (free otherwise)
+            _, loss = engine.forward(x, y)
+        with record_function("backward"):
+            engine.backward(loss)
         ll = model.last_losses
         zero = torch.zeros((), device=loss.device)
         parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
                                   ll.get("z_loss", zero).float()]))
         if tally is not None:
             tally.add()
-    grad_norm = engine.step(lr)
+    with record_function("optimizer"):
+        grad_norm = engine.step(lr)
     if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
         layers = model.moe_layers()
         loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
