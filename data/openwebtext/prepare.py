@@ -60,8 +60,13 @@ def prepare(dataset, out_dir, encode, eot, num_proc=1, test_size=0.0005, seed=23
     eot:     id appended after every document, so the model learns boundaries.
     Returns {split: number_of_tokens}.
     """
+    import datasets
     from tqdm import tqdm
 
+    # Progress bars on a terminal only: log files and CI output stay clean.
+    interactive = sys.stderr.isatty()
+    if not interactive:
+        datasets.disable_progress_bars()
     if hasattr(dataset, "keys"):
         dataset = dataset["train"]
     # owt only has a 'train' split, so carve out a small fixed val set
@@ -86,7 +91,7 @@ def prepare(dataset, out_dir, encode, eot, num_proc=1, test_size=0.0005, seed=23
         # write in contiguous shards so the whole split never sits in RAM at once
         total_batches = min(1024, len(dset))
         idx = 0
-        for batch_idx in tqdm(range(total_batches), desc=f"writing {filename}"):
+        for batch_idx in tqdm(range(total_batches), desc=f"writing {filename}", disable=not interactive):
             batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True)
             batch = batch.with_format("numpy")
             arr_batch = np.concatenate(list(batch["ids"]))
