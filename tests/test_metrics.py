@@ -114,12 +114,13 @@ def test_missing_sink_package_is_refused(char_data, tmp_path, monkeypatch):
         train(m, t)
 
 
-def run_in_terminal(argv: list[str], timeout: float = 120) -> str:
-    """Run launch/train.py with a pseudo-terminal as stdout; return what it wrote there."""
+def run_in_terminal(argv: list[str], timeout: float = 120, launcher: list[str] | None = None, env=None) -> str:
+    """Run launch/train.py (under `launcher`, if given) with a pseudo-terminal as stdout; return what it wrote there."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *argv], cwd=REPO, stdout=follower,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    command = [*(launcher or [sys.executable]), str(REPO / "launch/train.py"), *argv]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=follower, stderr=subprocess.DEVNULL,
+                            env=dict(env or os.environ, PYTHONPATH=str(REPO)))
     os.close(follower)
     chunks = []
     while True:
@@ -149,3 +150,13 @@ def test_progress_bar_only_in_a_terminal_and_when_asked(char_data, tmp_path, pro
                                                                                      max_iters=1)],
                            cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert piped.returncode == 0 and "it/s" not in piped.stdout and "s/it" not in piped.stdout
+
+
+def test_progress_bar_under_the_deepspeed_launcher(char_data, tmp_path):
+    """The README's 2-rank command in a terminal: rank 0 draws the bar (the launcher passes its terminal on)."""
+    from dist_utils import free_port, loopback_env
+    text = run_in_terminal(["--deepspeed_config", str(REPO / "ds_configs/zero2.json"),
+                            *tiny_args(char_data, tmp_path, max_iters=4), "--ep_size=2"], timeout=300,
+                           launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())],
+                           env=loopback_env())
+    assert "5/5 [" in text and "iter 4: loss" in text
