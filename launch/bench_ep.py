@@ -227,12 +227,11 @@ def _isolated_exchange(model, t, repeats: int = 30) -> float:
 def worker_interleaved(args, train_argv: list[str]):
     """Both ep_sizes in one pair of processes, steps alternated ABBA; each step is the trainer's loop body."""
     _install_timers()
-    import torch
     from nanomoe_ds.config import from_argv
     from nanomoe_ds.data import Batches, resolve_data_dir, shard
     from nanomoe_ds.deepspeed_integration import make_engine_factory
     from nanomoe_ds.metrics import RoutingTally
-    from nanomoe_ds.trainer import build_model, get_lr
+    from nanomoe_ds.trainer import build_model, get_lr, train_step
 
     rank = int(os.environ["RANK"])
     code = 0
@@ -253,22 +252,15 @@ def worker_interleaved(args, train_argv: list[str]):
                              tally=RoutingTally(model.moe_layers()))
 
         def one_step(s, it):
-            engine, model, t = s["engine"], s["model"], s["t"]
+            """The trainer's own step (trainer.train_step) and its routing log, timed."""
+            engine, t = s["engine"], s["t"]
             t0, c0 = time.perf_counter(), time.process_time()
-            parts = torch.zeros(2, dtype=torch.float64)
-            for micro in s["my_micro"]:
-                x, y = s["batches"].get("train", it, micro)
-                _, loss = engine.forward(x, y)
-                engine.backward(loss)
-                parts += torch.tensor([loss.item(), float(model.last_losses["ce"])], dtype=torch.float64)
-                s["tally"].add()
-            engine.step(get_lr(it, t))
-            Recorder.active = s["timers"]
-            parts = engine.all_reduce(parts) / t.gradient_accumulation_steps
+            Recorder.active = s["timers"]  # the step's collectives count for this side
+            losses, _, _ = train_step(engine, s["batches"], t, s["my_micro"], it, get_lr(it, t), False, s["tally"])
             s["tally"].reduce(engine.all_reduce, t.gradient_accumulation_steps, False)  # the trainer logs it
             s["wall"].append((time.perf_counter() - t0) * 1e3)
             s["cpu"].append((time.process_time() - c0) * 1e3)
-            s["loss"].append(float(parts[0]))
+            s["loss"].append(float(losses[0]))
 
         n = args.warmup + args.iters
         for it in range(n):
