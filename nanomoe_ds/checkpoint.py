@@ -52,7 +52,9 @@ def load(out_dir: str, map_location="cpu") -> dict:
     if not path.exists():
         raise ConfigError(f"no checkpoint at {path}; train first, or check --out_dir")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # mmap: a DeepSpeed resume at the same topology reads DeepSpeed's own files and only
+        # ckpt.pt's small entries; every rank reads this file, so nothing is copied until used.
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
     except Exception as e:  # a truncated or overwritten file: zip, pickle or storage errors
         raise ConfigError(f"cannot read {path}: it is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
                           "restore it from a copy, or start again with init_from=scratch") from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-import torch.nn as nn
 from torch.profiler import record_function
 
 from .dispatch import gather_rows
@@ -32,16 +31,20 @@ class ExpertParallelExperts(GroupedExperts):
     """This rank's experts of a GroupedExperts sharded over `group`; the same interface as the whole."""
 
     def __init__(self, experts: GroupedExperts, group, ep_size: int):
-        nn.Module.__init__(self)
         if experts.num_experts % ep_size:
             raise ValueError(f"num_experts ({experts.num_experts}) must be divisible by ep_size ({ep_size})")
+        num_local = experts.num_experts // ep_size  # what the expert math loops over
+        d, hidden = experts.w_in.shape[1:]
+        # The same constructor as the whole, so every setting carries over; then this rank's
+        # slice of the full, seeded init, under the same parameter names.
+        super().__init__(num_local, d, hidden, experts.act, experts.b_in is not None, experts.impl, experts.activation)
+        self.to(device=experts.w_in.device, dtype=experts.w_in.dtype)
         self.group, self.ep_size = group, ep_size
-        self.num_experts = experts.num_experts // ep_size  # local: what the expert math loops over
-        self.act, self.activation, self.impl, self._kernel_for = experts.act, experts.activation, experts.impl, {}
-        start = dist.get_rank(group) * self.num_experts
-        for name in EXPERT_PARAMS:  # the slice of the full, seeded init; the same parameter names
-            p = getattr(experts, name)
-            setattr(self, name, None if p is None else nn.Parameter(p.data[start:start + self.num_experts].clone()))
+        start = dist.get_rank(group) * num_local
+        with torch.no_grad():
+            for name in EXPERT_PARAMS:
+                if getattr(experts, name) is not None:
+                    getattr(self, name).copy_(getattr(experts, name)[start:start + num_local])
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs: [N, d] rows sorted by global expert id; counts: [E] global -> the experts' outputs for xs' rows."""

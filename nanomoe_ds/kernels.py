@@ -45,9 +45,14 @@ def target_of(x: torch.Tensor, dtype: torch.dtype) -> Target:
     return Target(x.device.type, dtype, cap, torch_version())
 
 
+def _aligned(target: Target, widths: tuple[int, ...]) -> bool:
+    """Rows of these widths start on 16-byte boundaries in the compute dtype (the grouped GEMM needs it)."""
+    return all(w * target.dtype.itemsize % 16 == 0 for w in widths)
+
+
 def grouped_mm_fused(target: Target, widths: tuple[int, ...]) -> bool:
     """True where torch._grouped_mm runs its fused kernel: bf16, CUDA SM90+, torch 2.8+, aligned rows."""
-    aligned = all(w * target.dtype.itemsize % 16 == 0 for w in widths)
+    aligned = _aligned(target, widths)
     return (target.device_kind == "cuda" and target.capability is not None and target.capability >= (9, 0)
             and target.dtype == torch.bfloat16 and target.torch_version >= (2, 8) and aligned)
 
@@ -58,9 +63,8 @@ def grouped_mm_runs(target: Target, widths: tuple[int, ...]) -> bool:
         return True
     if target.torch_version < (2, 9):  # 2.8 has the fused CUDA kernel only
         return False
-    aligned = all(w * target.dtype.itemsize % 16 == 0 for w in widths)
     if target.device_kind == "cpu":
-        return aligned
+        return _aligned(target, widths)
     return target.device_kind == "cuda" and target.capability is not None and target.capability >= (8, 0)
 
 

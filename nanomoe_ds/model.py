@@ -200,10 +200,6 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * self.get_num_params(active=True) + 12 * L * H * Q * T
 
-    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation of `fwdbwd_per_iter` sequences in `dt` seconds on one device of `peak_flops`."""
-        return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
         for _ in range(max_new_tokens):

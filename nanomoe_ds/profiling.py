@@ -1,7 +1,7 @@
 """`--profile=True`: where a training step's time goes, from torch.profiler ranges.
 
 The model and the exchange mark their parts with `torch.profiler.record_function`
-(free when no profiler runs): attention, the MoE router + permutation, the experts,
+(a few microseconds each when no profiler runs): attention, the MoE router + permutation, the experts,
 the un-permutation and the all-to-all. The loop marks forward, backward and the
 optimizer step. After warm-up the loop profiles a few steps and `report` turns the
 ranges into a table: the forward's parts, the whole backward (autograd runs the
