@@ -117,9 +117,8 @@ class DeepSpeedEngine:
         return x.to(t.device)
 
     def topology(self) -> dict:
-        stage = self.engine.zero_optimization_stage()
-        dtype = "bfloat16" if self.engine.bfloat16_enabled() else "float16" if self.engine.fp16_enabled() else "float32"
-        return checkpoint.topology("deepspeed", self.world_size, self.t.ep_size, stage, dtype)
+        return checkpoint.topology("deepspeed", self.world_size, self.t.ep_size, self.engine.zero_optimization_stage(),
+                                   str(self.compute_dtype).removeprefix("torch."))
 
     def save(self, out_dir: str, state: dict):
         ds_checkpoint.save(self.engine, self.module, out_dir, state, self.topology(), self.t.keep_last)
