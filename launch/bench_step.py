@@ -40,6 +40,9 @@ VARIANTS = {
     "moe-10x2": ["--use_moe=True", "--num_experts=10", "--num_experts_per_tok=2"],
     "moe-8x2-h256": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=2", "--expert_hidden=256"],
 }
+for _name in list(VARIANTS)[1:]:  # the MoEs again with each CPU kernel forced (--variants moe-10x2-bmm, ...)
+    for _impl in ("loop", "bmm"):
+        VARIANTS[f"{_name}-{_impl}"] = VARIANTS[_name] + [f"--moe_impl={_impl}"]
 
 
 def build(argv: list[str], fused: bool) -> LocalEngine:

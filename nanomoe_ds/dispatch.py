@@ -94,6 +94,41 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(src, idx)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x[token_idx]: the token row of each kept assignment, in expert order.
+
+    A token appears once per kept slot, so autograd's backward of this gather is a
+    scatter-add (index_put_ with accumulate), which runs serially on a CPU. Through
+    the inverse permutation each token sums its own k rows instead, a chunk of
+    tokens at a time as in the combine: gathers and a sum, deterministic, with the
+    sum in at least fp32. Dropped slots read an appended zero row.
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.inv, ctx.dropped = perm.inv, perm.dropped
+        ctx.num_tokens, ctx.k = x.shape[0], perm.num_assignments // max(x.shape[0], 1)
+        return x.index_select(0, perm.token_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, k, T = ctx.inv, ctx.k, ctx.num_tokens
+        if ctx.dropped:
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])])
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        grad_x = grad.new_empty(T, grad.shape[-1])
+        for t in _chunks(T, k * grad.shape[-1], grad.device):
+            total = grad_x[t] if acc == grad.dtype else grad.new_empty(t.stop - t.start, grad.shape[-1], dtype=acc)
+            _sum_slots(_slot_rows(grad, inv, t, k), None, total)
+            grad_x[t] = total  # a copy only when the sum ran in a wider dtype
+        return grad_x, None
+
+
+def gather_tokens(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """x[perm.token_idx] for x [T, d]: the rows the experts receive, grouped by expert."""
+    return _GatherTokens.apply(x, perm)
+
+
 def unpermute(y: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor) -> torch.Tensor:
     """Weight each expert output by its gate and sum a token's k slots; dropped slots add zero.
 
@@ -113,8 +148,8 @@ def unpermute(y: torch.Tensor, perm: Permutation, topk_weight: torch.Tensor) -> 
 class _Combine(torch.autograd.Function):
     """Dropless unpermute: out[t] = sum_j w[t, j] * y[inv[t*k + j]], a chunk of tokens at a time.
 
-    The same arithmetic as (y[inv].view(T, k, d).to(acc) * w[..., None]).sum(1) and
-    its autograd backward, without materialising [T*k, d] copies (gathered rows,
+    The arithmetic of (y[inv].view(T, k, d).to(acc) * w[..., None]).sum(1), summed in
+    slot order, and its autograd backward, without materialising [T*k, d] copies (gathered rows,
     their fp32 cast, the weighted products): at 8k tokens x k=8 x d=384 each is
     50-100 MB, which costs more to allocate and stream through memory than the math.
     """
@@ -124,8 +159,7 @@ class _Combine(torch.autograd.Function):
         T, k = w.shape
         out = y.new_empty(T, y.shape[-1], dtype=torch.promote_types(acc, w.dtype))
         for t in _chunks(T, k * y.shape[-1], y.device):
-            rows = _slot_rows(y, inv, t, k).to(acc)
-            torch.sum(rows * w[t].unsqueeze(-1), dim=1, out=out[t])
+            _sum_slots(_slot_rows(y, inv, t, k), w[t], out[t])
         ctx.save_for_backward(y, w, inv)
         ctx.acc = acc
         return out
@@ -147,6 +181,22 @@ class _Combine(torch.autograd.Function):
 def _slot_rows(y, inv, t: slice, k: int):
     """[tokens in t, k, d]: the expert output row of each of their slots."""
     return y.index_select(0, inv[t.start * k:t.stop * k]).view(t.stop - t.start, k, -1)
+
+
+def _sum_slots(rows: torch.Tensor, weight: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_j weight[t, j] * rows[t, j] (the plain sum when weight is None), in out's dtype.
+
+    Slot by slot, in slot order: one multiply-add per slot over contiguous rows. On a
+    CPU a reduction over the middle dimension of [tokens, k, d] is several times
+    slower than that, and casting rows to the wider dtype first would be a copy.
+    """
+    for j in range(rows.shape[1]):
+        row, w = rows[:, j], None if weight is None else weight[:, j:j + 1]
+        if j == 0:
+            out.copy_(row) if w is None else torch.mul(row, w, out=out)
+        else:
+            out.add_(row) if w is None else out.addcmul_(row, w)
+    return out
 
 
 def _chunks(n: int, row_size: int, device: torch.device):

@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from . import kernels
 from .config import GPTConfig
-from .dispatch import capacity, gather_rows, permute, unpermute
+from .dispatch import capacity, gather_rows, gather_tokens, permute, unpermute
 
 
 class Router(nn.Module):
@@ -83,7 +83,8 @@ class GroupedExperts(nn.Module):
     and `auto` asks kernels.choose (by device, dtype and torch version):
       - grouped_mm: one grouped GEMM over variable-size groups (fast on Hopper);
       - bmm: pad every group to the largest count, then batched matmuls;
-      - loop: one matmul per expert over its contiguous rows (fastest on CPU).
+      - loop: one matmul per expert over its contiguous rows (fastest on CPU), with
+        its backward written out (_LoopExperts).
     """
 
     def __init__(self, num_experts: int, d: int, hidden: int, act: str = "gelu", bias: bool = True,
@@ -125,14 +126,7 @@ class GroupedExperts(nn.Module):
         params = [None if p is None else p.to(compute_dtype) for p in (getattr(self, n) for n in EXPERT_PARAMS)]
         E, N = self.num_experts, x.shape[0]
         if impl == "loop":
-            # One expert at a time on its contiguous rows. split gives views, so the
-            # only copies are each block's cast (small, still in cache for its matmul)
-            # and the final cat. unbind rather than w[e]: its backward is one stack,
-            # where E select-backwards would each write a full-size zero gradient.
-            sizes = counts.tolist()
-            per_expert = zip(*(p.unbind(0) if p is not None else [None] * E for p in params))
-            return torch.cat([self._mlp(xe.to(compute_dtype), *pe, linear=_linear)
-                              for xe, pe, n in zip(torch.split(x, sizes), per_expert, sizes) if n > 0])
+            return _LoopExperts.apply(x.to(compute_dtype), counts.tolist(), self.act, self.activation, *params)
         x = x.to(compute_dtype)
         if impl == "bmm":
             # Pad once: expert e's rows go to block e of an [E, max_count, d] buffer,
@@ -157,7 +151,10 @@ class GroupedExperts(nn.Module):
         return self._mlp(x, *params, linear=grouped_linear)
 
     def _mlp(self, x, w_in, w_gate, w_out, b_in, b_out, *, linear):
-        """The expert MLP, written once for every kernel: `linear(x, w, b)` applies each row's expert."""
+        """The expert MLP for bmm and grouped_mm: `linear(x, w, b)` applies each row's expert.
+
+        _LoopExperts computes the same function with the same roundings, step by step.
+        """
         h = linear(x, w_in, b_in)
         if self.act == "swiglu":
             h = F.silu(linear(x, w_gate, None)) * h
@@ -169,16 +166,103 @@ class GroupedExperts(nn.Module):
 # The bias is added after the matmul, not fused (addmm/baddbmm), so every kernel
 # rounds the product to the compute dtype before adding it, like the grouped GEMM,
 # which has no bias: the impls' outputs then agree bit for bit when their GEMMs do.
-def _linear(x, w, b):
-    """One expert's x @ w + b."""
-    y = x @ w
-    return y if b is None else y + b
-
-
 def _padded_linear(x, w, b):
     """[E, cap, d_in] @ [E, d_in, d_out] + b[E, d_out], the bias broadcast over each block's rows."""
     y = torch.bmm(x, w)
     return y if b is None else y + b.unsqueeze(1)
+
+
+class _LoopExperts(torch.autograd.Function):
+    """The loop kernel: each expert's matmuls on its own contiguous rows, forward and backward by hand.
+
+    Composed from autograd ops, this kernel built a graph of about ten nodes per
+    expert per layer, then joined the pieces again: a `cat` of the outputs, a `cat`
+    of the input gradients (split's backward) and a `stack` of the weight gradients
+    (unbind's backward). At nanoGPT sizes, with a few hundred rows per expert on a
+    CPU, that bookkeeping cost as much as the matmuls. Here every matmul writes
+    straight into its rows of one preallocated buffer (`out=`), the elementwise
+    work (activation, its backward, bias gradients) runs once over all rows, and
+    autograd sees one node. The arithmetic is _mlp's, in the same order: product,
+    then bias, then activation, so the kernels stay interchangeable (tests compare
+    each against a per-token reference).
+    """
+
+    @staticmethod
+    def forward(ctx, x, sizes, act, activation, w_in, w_gate, w_out, b_in, b_out):
+        h = _per_expert_linear(x, w_in, b_in, sizes)  # pre-activation: gelu's backward needs it
+        gate = _per_expert_linear(x, w_gate, None, sizes) if act == "swiglu" else None
+        h_act = F.silu(gate) * h if act == "swiglu" else gelu(h, activation)
+        ctx.save_for_backward(x, h, gate, h_act, w_in, w_gate, w_out)
+        ctx.sizes, ctx.activation, ctx.biased = sizes, activation, b_in is not None
+        return _per_expert_linear(h_act, w_out, b_out, sizes)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, h, gate, h_act, w_in, w_gate, w_out = ctx.saved_tensors
+        sizes, biased = ctx.sizes, ctx.biased
+        grad_h_act, grad_w_out, grad_b_out = _per_expert_linear_backward(h_act, w_out, grad_y.contiguous(), sizes,
+                                                                         biased)
+        if gate is None:
+            approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
+            grad_h = torch.ops.aten.gelu_backward(grad_h_act, h, approximate=approximate)
+            grad_gate = None
+        else:  # h_act = silu(gate) * h
+            grad_h = grad_h_act * F.silu(gate)
+            grad_gate = torch.ops.aten.silu_backward(grad_h_act * h, gate)
+        grad_x, grad_w_in, grad_b_in = _per_expert_linear_backward(x, w_in, grad_h, sizes, biased)
+        grad_w_gate = None
+        if grad_gate is not None:
+            grad_x_gate, grad_w_gate, _ = _per_expert_linear_backward(x, w_gate, grad_gate, sizes, False)
+            grad_x = grad_x + grad_x_gate  # x feeds two projections: autograd's sum, in the same order
+        return grad_x, None, None, None, grad_w_in, grad_w_gate, grad_w_out, grad_b_in, grad_b_out
+
+
+def _per_expert_linear(x, w, b, sizes):
+    """Row block e of x times w[e] + b[e], each written into its rows of one output.
+
+    split/unbind make all the blocks' views in one call each (E slicings in Python
+    cost more than a small matmul's threading). The bias rides in the GEMM (addmm),
+    so a block is one call.
+    """
+    y = x.new_empty(x.shape[0], w.shape[-1])
+    biases = b.unbind(0) if b is not None else [None] * len(sizes)
+    for x_e, w_e, b_e, y_e, n in zip(x.split(sizes), w.unbind(0), biases, y.split(sizes), sizes):
+        if n == 0:
+            continue
+        if b_e is None:
+            torch.mm(x_e, w_e, out=y_e)
+        else:
+            torch.addmm(b_e, x_e, w_e, out=y_e)
+    return y
+
+
+def _per_expert_linear_backward(x, w, grad_y, sizes, biased: bool):
+    """Gradients of _per_expert_linear's x, w and (if biased) b; experts without rows get zeros.
+
+    Each bias gradient is a column sum of the expert's rows (accumulated in fp32 by
+    torch.sum, also for bf16 rows): E small sums beat one segment_reduce on a CPU.
+    """
+    full = 0 not in sizes
+    grad_x = x.new_empty(x.shape)
+    grad_w = w.new_empty(w.shape) if full else w.new_zeros(w.shape)
+    grad_b = None
+    if biased:
+        grad_b = grad_y.new_empty(w.shape[0], w.shape[-1]) if full else grad_y.new_zeros(w.shape[0], w.shape[-1])
+    grad_b_rows = grad_b.unbind(0) if biased else [None] * len(sizes)
+    for x_e, w_e, g_e, gx_e, gw_e, gb_e, n in zip(x.split(sizes), w.unbind(0), grad_y.split(sizes),
+                                                  grad_x.split(sizes), grad_w.unbind(0), grad_b_rows, sizes):
+        if n == 0:
+            continue
+        torch.mm(g_e, w_e.t(), out=gx_e)
+        torch.mm(x_e.t(), g_e, out=gw_e)
+        if gb_e is not None:
+            torch.sum(g_e, 0, out=gb_e)
+    return grad_x, grad_w, grad_b
+
+
+def _segment_sum(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sum of each expert's contiguous rows [E, width], accumulated in fp32 (zeros for experts without rows)."""
+    return torch.segment_reduce(rows.float(), "sum", lengths=lengths).to(rows.dtype)
 
 
 class _AddGroupedBias(torch.autograd.Function):
@@ -198,7 +282,7 @@ class _AddGroupedBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (counts,) = ctx.saved_tensors
-        grad_b = torch.segment_reduce(grad.float(), "sum", lengths=counts).to(grad.dtype)
+        grad_b = _segment_sum(grad, counts)
         return grad, grad_b, None, None
 
 
@@ -252,7 +336,7 @@ class MoE(nn.Module):
             topk_idx, topk_w, logits, probs = self.router(xt)
             cap = capacity(xt.shape[0], self.k, self.num_experts, self.capacity_factor())
             perm = permute(topk_idx, topk_w, self.num_experts, cap, self.cfg.capacity_priority)
-            xs = xt[perm.token_idx]
+            xs = gather_tokens(xt, perm)
         with record_function("moe.experts"):
             ys = self.experts(xs, perm.counts)  # local, or sharded over ranks (expert_parallel.py): the same call
         with record_function("moe.unpermute"):
