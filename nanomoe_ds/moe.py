@@ -66,6 +66,12 @@ class Router(nn.Module):
 EXPERT_PARAMS = ("w_in", "w_gate", "w_out", "b_in", "b_out")  # stacked [E, ...]; absent ones are None
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's where autocast is on for x's device, else x's own."""
+    device_kind = x.device.type
+    return torch.get_autocast_dtype(device_kind) if torch.is_autocast_enabled(device_kind) else x.dtype
+
+
 class Experts(Protocol):
     """What MoE.forward calls: rows grouped by expert in, one output row per input row out.
 
@@ -120,8 +126,7 @@ class GroupedExperts(nn.Module):
         # Grouped GEMM is not on autocast's list, so pick the compute dtype once,
         # explicitly, for every kernel: they then round identically. (`.to` returns
         # the tensor itself when it already has that dtype: no copy in fp32.)
-        dev = x.device.type
-        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        compute_dtype = matmul_dtype(x)
         impl = self.kernel_for(x, compute_dtype)
         params = [None if p is None else p.to(compute_dtype) for p in (getattr(self, n) for n in EXPERT_PARAMS)]
         E, N = self.num_experts, x.shape[0]
@@ -173,91 +178,84 @@ def _padded_linear(x, w, b):
 
 
 class _LoopExperts(torch.autograd.Function):
-    """The loop kernel: each expert's matmuls on its own contiguous rows, forward and backward by hand.
+    """The loop kernel: one expert at a time, its whole MLP on its contiguous rows, backward by hand.
 
     Composed from autograd ops, this kernel built a graph of about ten nodes per
-    expert per layer, then joined the pieces again: a `cat` of the outputs, a `cat`
-    of the input gradients (split's backward) and a `stack` of the weight gradients
-    (unbind's backward). At nanoGPT sizes, with a few hundred rows per expert on a
-    CPU, that bookkeeping cost as much as the matmuls. Here every matmul writes
-    straight into its rows of one preallocated buffer (`out=`), the elementwise
-    work (activation, its backward, bias gradients) runs once over all rows, and
-    autograd sees one node. The arithmetic is _mlp's, in the same order: product,
-    then bias, then activation, so the kernels stay interchangeable (tests compare
-    each against a per-token reference).
+    expert per layer and joined the pieces again: a `cat` of the outputs, a `cat` of
+    the input gradients (split's backward) and a `stack` of the weight gradients
+    (unbind's backward). At nanoGPT sizes, a few hundred rows per expert on a CPU,
+    that bookkeeping cost as much as the matmuls. Here autograd sees one node; each
+    expert's results go straight into its rows of preallocated buffers (`out=`), and
+    the expert's whole chain (matmul, activation, matmul, and back) runs while its
+    rows are still in cache. The arithmetic is _mlp's; tests hold every kernel to a
+    per-token reference.
     """
 
     @staticmethod
     def forward(ctx, x, sizes, act, activation, w_in, w_gate, w_out, b_in, b_out):
-        h = _per_expert_linear(x, w_in, b_in, sizes)  # pre-activation: gelu's backward needs it
-        gate = _per_expert_linear(x, w_gate, None, sizes) if act == "swiglu" else None
-        h_act = F.silu(gate) * h if act == "swiglu" else gelu(h, activation)
+        N, hidden = x.shape[0], w_in.shape[-1]
+        h = x.new_empty(N, hidden)  # pre-activation (the activation's backward needs it)
+        gate = x.new_empty(N, hidden) if act == "swiglu" else None
+        h_act = x.new_empty(N, hidden)
+        y = x.new_empty(N, w_out.shape[-1])
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        for e, (x_e, h_e, gate_e, act_e, y_e) in _blocks(sizes, x, h, gate, h_act, y):
+            _linear_into(h_e, x_e, w_in[e], b_in, e)
+            if gate is None:
+                torch.ops.aten.gelu.out(h_e, approximate=approximate, out=act_e)
+            else:
+                _linear_into(gate_e, x_e, w_gate[e], None, e)
+                torch.mul(F.silu(gate_e), h_e, out=act_e)
+            _linear_into(y_e, act_e, w_out[e], b_out, e)
         ctx.save_for_backward(x, h, gate, h_act, w_in, w_gate, w_out)
-        ctx.sizes, ctx.activation, ctx.biased = sizes, activation, b_in is not None
-        return _per_expert_linear(h_act, w_out, b_out, sizes)
+        ctx.sizes, ctx.approximate, ctx.biased = sizes, approximate, b_in is not None
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, h, gate, h_act, w_in, w_gate, w_out = ctx.saved_tensors
         sizes, biased = ctx.sizes, ctx.biased
-        grad_h_act, grad_w_out, grad_b_out = _per_expert_linear_backward(h_act, w_out, grad_y.contiguous(), sizes,
-                                                                         biased)
-        if gate is None:
-            approximate = "tanh" if ctx.activation == "gelu_tanh" else "none"
-            grad_h = torch.ops.aten.gelu_backward(grad_h_act, h, approximate=approximate)
-            grad_gate = None
-        else:  # h_act = silu(gate) * h
-            grad_h = grad_h_act * F.silu(gate)
-            grad_gate = torch.ops.aten.silu_backward(grad_h_act * h, gate)
-        grad_x, grad_w_in, grad_b_in = _per_expert_linear_backward(x, w_in, grad_h, sizes, biased)
-        grad_w_gate = None
-        if grad_gate is not None:
-            grad_x_gate, grad_w_gate, _ = _per_expert_linear_backward(x, w_gate, grad_gate, sizes, False)
-            grad_x = grad_x + grad_x_gate  # x feeds two projections: autograd's sum, in the same order
+        grad_y = grad_y.contiguous()
+        grad_x = torch.empty_like(x)
+        empty_expert = 0 in sizes  # its weights get zero gradients; the others are overwritten
+        new = torch.zeros_like if empty_expert else torch.empty_like
+        grad_w_in, grad_w_out = new(w_in), new(w_out)
+        grad_w_gate = new(w_gate) if gate is not None else None
+        grad_b_in = new(w_in[:, 0]) if biased else None
+        grad_b_out = new(w_out[:, 0]) if biased else None
+        for e, (x_e, h_e, gate_e, act_e, gy_e, gx_e) in _blocks(sizes, x, h, gate, h_act, grad_y, grad_x):
+            grad_act = torch.mm(gy_e, w_out[e].t())
+            torch.mm(act_e.t(), gy_e, out=grad_w_out[e])
+            if gate is None:
+                grad_h = torch.ops.aten.gelu_backward(grad_act, h_e, approximate=ctx.approximate)
+            else:  # act = silu(gate) * h
+                grad_h = grad_act * F.silu(gate_e)
+                grad_gate = torch.ops.aten.silu_backward(grad_act * h_e, gate_e)
+            torch.mm(grad_h, w_in[e].t(), out=gx_e)
+            torch.mm(x_e.t(), grad_h, out=grad_w_in[e])
+            if gate is not None:  # x feeds both projections: its gradient is the sum
+                gx_e.addmm_(grad_gate, w_gate[e].t())
+                torch.mm(x_e.t(), grad_gate, out=grad_w_gate[e])
+            if biased:  # column sums, accumulated in fp32 by torch.sum also for bf16 rows
+                torch.sum(gy_e, 0, out=grad_b_out[e])
+                torch.sum(grad_h, 0, out=grad_b_in[e])
         return grad_x, None, None, None, grad_w_in, grad_w_gate, grad_w_out, grad_b_in, grad_b_out
 
 
-def _per_expert_linear(x, w, b, sizes):
-    """Row block e of x times w[e] + b[e], each written into its rows of one output.
-
-    split/unbind make all the blocks' views in one call each (E slicings in Python
-    cost more than a small matmul's threading). The bias rides in the GEMM (addmm),
-    so a block is one call.
-    """
-    y = x.new_empty(x.shape[0], w.shape[-1])
-    biases = b.unbind(0) if b is not None else [None] * len(sizes)
-    for x_e, w_e, b_e, y_e, n in zip(x.split(sizes), w.unbind(0), biases, y.split(sizes), sizes):
-        if n == 0:
-            continue
-        if b_e is None:
-            torch.mm(x_e, w_e, out=y_e)
-        else:
-            torch.addmm(b_e, x_e, w_e, out=y_e)
-    return y
+def _blocks(sizes: list[int], *tensors):
+    """(e, [each tensor's rows of expert e]) for every expert with rows; None tensors give None."""
+    views = [t.split(sizes) if t is not None else [None] * len(sizes) for t in tensors]
+    for e, n in enumerate(sizes):
+        if n:
+            yield e, [v[e] for v in views]
 
 
-def _per_expert_linear_backward(x, w, grad_y, sizes, biased: bool):
-    """Gradients of _per_expert_linear's x, w and (if biased) b; experts without rows get zeros.
-
-    Each bias gradient is a column sum of the expert's rows (accumulated in fp32 by
-    torch.sum, also for bf16 rows): E small sums beat one segment_reduce on a CPU.
-    """
-    full = 0 not in sizes
-    grad_x = x.new_empty(x.shape)
-    grad_w = w.new_empty(w.shape) if full else w.new_zeros(w.shape)
-    grad_b = None
-    if biased:
-        grad_b = grad_y.new_empty(w.shape[0], w.shape[-1]) if full else grad_y.new_zeros(w.shape[0], w.shape[-1])
-    grad_b_rows = grad_b.unbind(0) if biased else [None] * len(sizes)
-    for x_e, w_e, g_e, gx_e, gw_e, gb_e, n in zip(x.split(sizes), w.unbind(0), grad_y.split(sizes),
-                                                  grad_x.split(sizes), grad_w.unbind(0), grad_b_rows, sizes):
-        if n == 0:
-            continue
-        torch.mm(g_e, w_e.t(), out=gx_e)
-        torch.mm(x_e.t(), g_e, out=gw_e)
-        if gb_e is not None:
-            torch.sum(g_e, 0, out=gb_e)
-    return grad_x, grad_w, grad_b
+def _linear_into(out, x, w, b, e):
+    """out = x @ w (+ b[e]) for one expert's rows, the bias inside the GEMM (addmm)."""
+    if b is None:
+        torch.mm(x, w, out=out)
+    else:
+        torch.addmm(b[e], x, w, out=out)
 
 
 def _segment_sum(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -336,7 +334,9 @@ class MoE(nn.Module):
             topk_idx, topk_w, logits, probs = self.router(xt)
             cap = capacity(xt.shape[0], self.k, self.num_experts, self.capacity_factor())
             perm = permute(topk_idx, topk_w, self.num_experts, cap, self.cfg.capacity_priority)
-            xs = gather_tokens(xt, perm)
+            # Cast before the gather: each token is copied k times, so under autocast
+            # the copies (and an expert-parallel exchange) move half the bytes.
+            xs = gather_tokens(xt.to(matmul_dtype(xt)), perm)
         with record_function("moe.experts"):
             ys = self.experts(xs, perm.counts)  # local, or sharded over ranks (expert_parallel.py): the same call
         with record_function("moe.unpermute"):

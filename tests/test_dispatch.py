@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanomoe_ds.dispatch import Permutation, capacity, permute, unpermute
+from nanomoe_ds.dispatch import Permutation, _chunks, capacity, gather_tokens, permute, unpermute
 
 
 def random_routing(T: int, k: int, E: int, seed: int = 0):
@@ -154,6 +154,41 @@ def test_unpermute_gradients():
         want_w[t, s] = (y[row].detach() * up[t]).sum()
     torch.testing.assert_close(y.grad, want_y)
     torch.testing.assert_close(wt.grad, want_w)  # dropped slots: zero gradient
+
+
+def test_unpermute_dropless_gradients_across_chunks():
+    """The dropless combine (several chunks of tokens and of rows here) against autograd on the plain formula."""
+    T, k, E, d = 4096, 4, 8, 256  # 2 token chunks and 2 row chunks of the CPU's chunk size
+    idx, w = random_routing(T, k, E, seed=21)
+    perm = permute(idx, w, E)
+    assert len(_chunks(T, k * d, torch.device("cpu"))) > 1 and len(_chunks(T * k, d, torch.device("cpu"))) > 1
+    g = torch.Generator().manual_seed(22)
+    y = torch.randn(T * k, d, generator=g, requires_grad=True)
+    wt = w.float().clone().requires_grad_()
+    up = torch.randn(T, d, generator=g)
+    (unpermute(y, perm, wt) * up).sum().backward()
+    y_ref, w_ref = y.detach().clone().requires_grad_(), wt.detach().clone().requires_grad_()
+    ((y_ref[perm.inv].view(T, k, d) * w_ref.unsqueeze(-1)).sum(1) * up).sum().backward()
+    torch.testing.assert_close(y.grad, y_ref.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(wt.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 5])
+def test_gather_tokens_gradient_sums_each_tokens_rows(cap):
+    """gather_tokens is x[token_idx]; its backward (sums through inv) equals autograd's scatter-add."""
+    T, k, E, d = 24, 3, 6, 8
+    idx, w = random_routing(T, k, E, seed=23)
+    perm = permute(idx, w, E, cap=cap)
+    assert (perm.dropped > 0) == (cap is not None)
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(T, d, generator=g, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    up = torch.randn(perm.order.numel(), d, generator=g)
+    xs = gather_tokens(x, perm)
+    assert torch.equal(xs, x_ref[perm.token_idx])
+    (xs * up).sum().backward()
+    (x_ref[perm.token_idx] * up).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-6)
 
 
 def test_unpermute_bf16_accumulates_in_fp32_and_returns_bf16():
