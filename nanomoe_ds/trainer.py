@@ -288,12 +288,14 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
     tally = metrics.RoutingTally(model.moe_layers()) if t.log_moe_stats and model.moe_layers() else None
     result: dict = {"train_losses": []}
     t0, running_mfu, local_iter = time.time(), None, 0
+    train_s = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded): runs compare on it
     preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
     try:
         while True:
             lr = get_lr(iter_num, t)
             if iter_num % t.eval_interval == 0:
-                best_val = evaluate_and_save(engine, batches, t, log, iter_num, best_val, tokens_per_iter, result)
+                best_val = evaluate_and_save(engine, batches, t, log, iter_num, best_val, tokens_per_iter, result,
+                                             train_s)
             if t.eval_only or iter_num > t.max_iters:
                 break
             logging = iter_num % t.log_interval == 0
@@ -313,11 +315,13 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
             result["train_losses"].append(float(losses[0]))
             t1 = time.time()
             dt, t0 = t1 - t0, t1
+            train_s += t1 - step_t0
             if logging:
                 if local_iter >= 5:  # past compilation and warm-up; an EMA as in nanoGPT
                     mfu = metrics.mfu(flops_per_token, tokens_per_iter / engine.world_size / dt, peak_flops)
                     running_mfu = mfu if running_mfu is None or mfu is None else 0.9 * running_mfu + 0.1 * mfu
-                log_step(engine, t, log, tally, iter_num, lr, losses, grad_norm, dt, tokens_per_iter, running_mfu)
+                log_step(engine, t, log, tally, iter_num, lr, losses, grad_norm, dt, tokens_per_iter, running_mfu,
+                         train_s)
             log.advance({"loss": f"{float(losses[0]):.4f}", "tok/s": f"{tokens_per_iter / dt:.0f}"})
             iter_num += 1
             local_iter += 1
@@ -345,13 +349,16 @@ def report_profile(prof, engine: Engine, t: TrainConfig, log: metrics.MetricsLog
 
 
 def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int,
-                      best_val: float, tokens_per_iter: int, result: dict) -> float:
-    """Eval both splits; checkpoint when val improved (or always_save_checkpoint). Returns the best val loss."""
+                      best_val: float, tokens_per_iter: int, result: dict, train_s: float) -> float:
+    """Eval both splits; checkpoint when val improved (or always_save_checkpoint). Returns the best val loss.
+
+    `train_s`, the step time spent so far, goes into the record: val loss against training time.
+    """
     losses = estimate_loss(engine, batches, t, iter_num)
     check_finite({"val loss": losses["val"]}, iter_num, t.out_dir)
     result.update(losses)
     log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
-         "val_loss": losses["val"], "lr": get_lr(iter_num, t)},
+         "val_loss": losses["val"], "lr": get_lr(iter_num, t), "train_s": train_s},
         f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if losses["val"] < best_val or t.always_save_checkpoint:
         best_val = min(best_val, losses["val"])
@@ -404,12 +411,13 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
 
 def log_step(engine: Engine, t: TrainConfig, log: metrics.MetricsLog, tally, iter_num: int, lr: float,
              losses: torch.Tensor, grad_norm: float | None, dt: float, tokens_per_iter: int,
-             running_mfu: float | None):
+             running_mfu: float | None, train_s: float):
     """One metrics.jsonl record (and stdout line) for a logged step; the routing reduce is a collective."""
     model = engine.module
     rec = {"iter": iter_num, "tokens": (iter_num + 1) * tokens_per_iter, "loss": float(losses[0]),
            "ce_loss": float(losses[1]), "aux_loss": float(losses[2]), "z_loss": float(losses[3]), "lr": lr,
-           "grad_norm": grad_norm, "time_ms": dt * 1000, "tokens_per_sec": tokens_per_iter / dt, "mfu": running_mfu}
+           "grad_norm": grad_norm, "time_ms": dt * 1000, "train_s": train_s, "tokens_per_sec": tokens_per_iter / dt,
+           "mfu": running_mfu}
     if str(engine.device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if tally is not None:

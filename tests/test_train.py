@@ -38,6 +38,11 @@ def test_loss_falls_and_metrics_are_logged(char_data, tmp_path):
     assert r["mfu"] is None  # no peak for a CPU unless peak_tflops is given
     assert {"load_cv", "load_max_over_mean", "dead_experts", "aux_loss", "z_loss"} <= moe.keys()
     assert (tmp_path / "ckpt.pt").exists()
+    # train_s: cumulative step time, without the evals (iteration 0's time_ms includes one)
+    train_s = [row["train_s"] for row in train_rows]
+    assert all(b > a for a, b in zip(train_s, train_s[1:]))
+    assert 0 < train_s[-1] < sum(row["time_ms"] for row in train_rows) / 1000
+    assert eval_rows[0]["train_s"] == 0 and eval_rows[1]["train_s"] == train_s[29]  # the steps before each eval
 
 
 def test_resume_reproduces_uninterrupted_losses(char_data, tmp_path):
