@@ -223,7 +223,8 @@ def main():
             rows = [("dense", "dense", None)] if "dense" in variants else []
             if "ours" in variants:  # auto first; a forced row for each other impl (auto's twin is skipped)
                 target = kernels.target_of(torch.empty(0, device=device), ac or torch.float32)
-                picked = kernels.choose("auto", target, (d, h))
+                balanced = kernels.Load(T * k, -(-T * k // E), E)  # the label assumes balanced routing
+                picked = kernels.choose("auto", target, (d, h), balanced)
                 rows.append((f"ours (auto: {picked})", "ours", "auto"))
                 rows += [(f"ours {i}", "ours", i) for i in impls if i != picked and kernels.runs(i, target, (d, h))]
             rows += [(v, v, None) for v in ("seed", "ds") if v in variants]

@@ -41,7 +41,7 @@ VARIANTS = {
     "moe-8x2-h256": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=2", "--expert_hidden=256"],
 }
 for _name in list(VARIANTS)[1:]:  # the MoEs again with each CPU kernel forced (--variants moe-10x2-bmm, ...)
-    for _impl in ("loop", "bmm"):
+    for _impl in ("loop", "bmm", "grouped_mm"):
         VARIANTS[f"{_name}-{_impl}"] = VARIANTS[_name] + [f"--moe_impl={_impl}"]
 
 

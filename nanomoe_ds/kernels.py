@@ -10,9 +10,12 @@ What the choice rests on (measurements are in docs/benchmarks.md):
     (PyTorch PRs #161407, #161717), and the CPU kernel needs 16-byte-aligned
     strides. So auto uses it only on the fused path.
   - Everywhere else auto takes one of the two kernels built from plain matmuls,
-    which run on every device, dtype and torch version: `loop` on the CPU (fastest
-    there at every shape measured) and `bmm` on GPUs (one padded batched matmul
-    rather than E small launches).
+    which run on every device, dtype and torch version: `bmm` on GPUs (one padded
+    batched matmul rather than E small launches) and, on the CPU, by size: `loop`
+    where experts get many rows each, `bmm` where they get few (a few hundred rows
+    keep neither core busy through a per-expert matmul, and the loop's per-expert
+    overhead dominates) unless padding every expert to the busiest one would add
+    more than half the rows again.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ import torch
 from .config import ConfigError
 
 IMPLS = ("grouped_mm", "bmm", "loop")
+
+# The CPU's size rule (measured on a 2-core Xeon, docs/benchmarks.md): bmm below this
+# many rows per expert on average, if the padding stays within CPU_BMM_MAX_PADDING.
+CPU_BMM_MAX_ROWS_PER_EXPERT = 320
+CPU_BMM_MAX_PADDING = 1.5  # padded rows (experts x busiest expert's rows) / rows
 
 
 class Target(NamedTuple):
@@ -37,6 +45,20 @@ class Target(NamedTuple):
 def torch_version(version: str = torch.__version__) -> tuple[int, int]:
     major, minor = version.split("+")[0].split(".")[:2]
     return int(major), int(minor)
+
+
+class Load(NamedTuple):
+    """The rows one call brings: all of them, the busiest expert's, and how many experts share them."""
+
+    rows: int
+    busiest: int
+    experts: int
+
+
+def cpu_prefers_bmm(load: Load) -> bool:
+    """The CPU's size rule: few rows per expert, and padding to the busiest expert stays cheap."""
+    few = load.rows < CPU_BMM_MAX_ROWS_PER_EXPERT * load.experts
+    return few and load.busiest * load.experts <= CPU_BMM_MAX_PADDING * load.rows
 
 
 def target_of(x: torch.Tensor, dtype: torch.dtype) -> Target:
@@ -68,16 +90,19 @@ def grouped_mm_runs(target: Target, widths: tuple[int, ...]) -> bool:
     return target.device_kind == "cuda" and target.capability is not None and target.capability >= (8, 0)
 
 
-def choose(impl: str, target: Target, widths: tuple[int, ...]) -> str:
+def choose(impl: str, target: Target, widths: tuple[int, ...], load: Load | None = None) -> str:
     """The kernel to run: `impl` itself if forced, else auto's pick for this target.
 
-    `widths` are the expert GEMMs' row widths (n_embd and expert_hidden).
+    `widths` are the expert GEMMs' row widths (n_embd and expert_hidden); `load`, the
+    call's rows, matters on the CPU only (without it the CPU gets `loop`).
     """
     if impl != "auto":
         return impl
     if grouped_mm_fused(target, widths):
         return "grouped_mm"
-    return "loop" if target.device_kind == "cpu" else "bmm"
+    if target.device_kind != "cpu":
+        return "bmm"
+    return "bmm" if load is not None and cpu_prefers_bmm(load) else "loop"
 
 
 def runs(impl: str, target: Target, widths: tuple[int, ...]) -> bool:

@@ -86,11 +86,12 @@ class GroupedExperts(nn.Module):
     """E GPT-2 MLPs stored as stacked tensors, applied to rows already sorted by expert.
 
     Three kernels compute the same thing (tests hold them equal); `impl` picks one,
-    and `auto` asks kernels.choose (by device, dtype and torch version):
+    and `auto` asks kernels.choose (by device, dtype, torch version and, on a CPU, rows
+    per expert):
       - grouped_mm: one grouped GEMM over variable-size groups (fast on Hopper);
       - bmm: pad every group to the largest count, then batched matmuls;
-      - loop: one matmul per expert over its contiguous rows (fastest on CPU), with
-        its backward written out (_LoopExperts).
+      - loop: one matmul per expert over its contiguous rows (fastest on a CPU when
+        experts get many rows), with its backward written out (_LoopExperts).
     """
 
     def __init__(self, num_experts: int, d: int, hidden: int, act: str = "gelu", bias: bool = True,
@@ -103,17 +104,23 @@ class GroupedExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if act == "swiglu" else None
         self.b_in = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(num_experts, d)) if bias else None
-        self._kernel_for: dict = {}  # kernels.Target -> kernel name
+        self._checked: set = set()  # kernels.Target values this layer's kernel was checked for
 
-    def kernel_for(self, x: torch.Tensor, compute_dtype: torch.dtype) -> str:
-        """The kernel for this device and dtype (kernels.choose), checked once per target."""
+    def kernel_for(self, x: torch.Tensor, compute_dtype: torch.dtype, counts: torch.Tensor | None = None) -> str:
+        """The kernel for this device, dtype and (on a CPU) these rows per expert: kernels.choose.
+
+        A forced kernel is checked once per target. The rows only matter on a CPU,
+        where reading counts.max() costs nothing (on a GPU it would be a sync).
+        """
         target = kernels.target_of(x, compute_dtype)
-        impl = self._kernel_for.get(target)
-        if impl is None:
-            widths = (self.w_in.shape[1], self.w_in.shape[2])
+        widths = (self.w_in.shape[1], self.w_in.shape[2])
+        if target not in self._checked:
             kernels.check(self.impl, target, widths)  # a forced kernel that can't run here: one line
-            impl = self._kernel_for[target] = kernels.choose(self.impl, target, widths)
-        return impl
+            self._checked.add(target)
+        load = None
+        if self.impl == "auto" and target.device_kind == "cpu" and counts is not None:
+            load = kernels.Load(x.shape[0], int(counts.max()), self.num_experts)
+        return kernels.choose(self.impl, target, widths, load)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [N, d] rows grouped by expert, counts: [E] rows per expert -> [N, d]."""
@@ -127,7 +134,7 @@ class GroupedExperts(nn.Module):
         # explicitly, for every kernel: they then round identically. (`.to` returns
         # the tensor itself when it already has that dtype: no copy in fp32.)
         compute_dtype = matmul_dtype(x)
-        impl = self.kernel_for(x, compute_dtype)
+        impl = self.kernel_for(x, compute_dtype, counts)
         params = [None if p is None else p.to(compute_dtype) for p in (getattr(self, n) for n in EXPERT_PARAMS)]
         E, N = self.num_experts, x.shape[0]
         if impl == "loop":

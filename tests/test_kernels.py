@@ -4,7 +4,7 @@ import torch
 
 from nanomoe_ds import kernels
 from nanomoe_ds.config import ConfigError
-from nanomoe_ds.kernels import Target
+from nanomoe_ds.kernels import Load, Target
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 WIDTHS = (768, 3072)  # GPT-2 small: n_embd, expert_hidden
@@ -48,8 +48,31 @@ def test_auto_on_hopper_needs_aligned_widths():
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_auto_on_cpu_and_mps_is_a_plain_matmul_kernel(dtype, version):
-    assert kernels.choose("auto", Target("cpu", dtype, None, version), WIDTHS) == "loop"
+    cpu = Target("cpu", dtype, None, version)
+    assert kernels.choose("auto", cpu, WIDTHS) == "loop"  # rows unknown
+    assert kernels.choose("auto", cpu, WIDTHS, Load(16384, 2100, 8)) == "loop"  # 2048 rows per expert
+    assert kernels.choose("auto", cpu, WIDTHS, Load(1536, 230, 8)) == "bmm"  # 192 rows per expert
     assert kernels.choose("auto", Target("mps", dtype, None, version), WIDTHS) == "bmm"
+
+
+@pytest.mark.parametrize("load, want", [
+    (Load(1536, 192, 8), "bmm"),  # few rows, perfectly balanced
+    (Load(8 * 319, 400, 8), "bmm"),  # just under the rows rule, 1.25x padding
+    (Load(8 * 320, 400, 8), "loop"),  # at the rows rule
+    (Load(1536, 288, 8), "bmm"),  # padding exactly 1.5x the rows
+    (Load(1536, 289, 8), "loop"),  # more than 1.5x: the busiest expert would make bmm pad too much
+    (Load(1536, 1536, 8), "loop"),  # every row to one expert: bmm would compute 8x the rows
+    (Load(65536, 1100, 64), "loop"),  # 1024 rows per expert (the fine-grained benchmark shape)
+])
+def test_cpu_size_rule(load, want):
+    assert kernels.choose("auto", Target("cpu", FP32, None, (2, 13)), WIDTHS, load) == want
+
+
+def test_the_cpu_rule_never_reaches_a_gpu():
+    """Rows never change a GPU's pick (reading them there would be a device-to-host sync)."""
+    for load in (Load(1536, 192, 8), Load(65536, 1100, 64)):
+        assert kernels.choose("auto", cuda("A100", BF16), WIDTHS, load) == "bmm"
+        assert kernels.choose("auto", cuda("H100", BF16), WIDTHS, load) == "grouped_mm"
 
 
 def test_forced_kernels_are_kept():

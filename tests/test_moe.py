@@ -657,11 +657,15 @@ def test_cuda_matches_cpu(impl):
 
 
 def test_auto_kernel_on_cpu_and_forced_kernels():
-    x = torch.zeros(3, D)
-    # measured in docs/benchmarks.md: the per-expert loop wins on CPU at every timed shape
-    assert GroupedExperts(8, D, H, impl="auto").kernel_for(x, torch.float32) == "loop"
-    assert GroupedExperts(64, D, H, impl="auto").kernel_for(x, torch.bfloat16) == "loop"
-    assert GroupedExperts(17, D, H, impl="grouped_mm").kernel_for(x, torch.float32) == "grouped_mm"
+    """On a CPU auto follows the rows per expert (kernels.cpu_prefers_bmm); forced kernels stay."""
+    few, many = torch.zeros(24, D), torch.zeros(8 * 400, D)
+    even = lambda rows, E: torch.full((E,), rows // E)  # noqa: E731
+    assert GroupedExperts(8, D, H, impl="auto").kernel_for(few, torch.float32, even(24, 8)) == "bmm"
+    assert GroupedExperts(8, D, H, impl="auto").kernel_for(many, torch.bfloat16, even(3200, 8)) == "loop"
+    skewed = torch.tensor([20, 4, 0, 0, 0, 0, 0, 0])  # bmm would pad 24 rows to 160
+    assert GroupedExperts(8, D, H, impl="auto").kernel_for(few, torch.float32, skewed) == "loop"
+    assert GroupedExperts(8, D, H, impl="auto").kernel_for(few, torch.float32) == "loop"  # rows not given
+    assert GroupedExperts(17, D, H, impl="grouped_mm").kernel_for(few, torch.float32, even(24, 17)) == "grouped_mm"
 
 
 def test_forced_grouped_mm_that_cannot_run_is_one_line_error():
