@@ -43,6 +43,8 @@ VARIANTS = {
 for _name in list(VARIANTS)[1:]:  # the MoEs again with each CPU kernel forced (--variants moe-10x2-bmm, ...)
     for _impl in ("loop", "bmm", "grouped_mm"):
         VARIANTS[f"{_name}-{_impl}"] = VARIANTS[_name] + [f"--moe_impl={_impl}"]
+for _name in list(VARIANTS)[:3]:  # and each model under torch.compile (--variants dense-compiled, ...)
+    VARIANTS[f"{_name}-compiled"] = VARIANTS[_name] + ["--compile=True"]
 
 
 def build(argv: list[str], fused: bool) -> LocalEngine:

@@ -17,6 +17,7 @@ class Permutation:
     order: torch.Tensor  # [M] flat assignment ids (token * k + slot), grouped by expert
     token_idx: torch.Tensor  # [M] token of each kept assignment, in `order`
     counts: torch.Tensor  # [E] kept assignments per expert (int64)
+    routed: torch.Tensor  # [E] assignments the router made per expert, before any capacity drop
     num_assignments: int  # tokens * k, including dropped ones
     dropped: int  # assignments over capacity, zeroed in the output
     # [num_assignments] inverse of `order`: the row (in `order`) of each assignment,
@@ -45,7 +46,7 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
     flat = topk_idx.reshape(-1)
     if cap is None:
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)
+        counts = routed = expert_counts(flat, num_experts)
         dropped = 0
     else:
         if priority == "score":
@@ -53,16 +54,22 @@ def permute(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_experts: int,
         else:  # slot-major: all slot-0 assignments, then slot-1, ...
             pre = torch.arange(T * k, device=flat.device).view(T, k).t().reshape(-1)
         order = pre[torch.argsort(flat[pre], stable=True)]
-        counts_all = torch.bincount(flat, minlength=num_experts)
-        starts = torch.cumsum(counts_all, 0) - counts_all
+        routed = expert_counts(flat, num_experts)
+        starts = torch.cumsum(routed, 0) - routed
         sorted_exp = flat[order]
         rank_in_expert = torch.arange(order.numel(), device=flat.device) - starts[sorted_exp]
         keep = rank_in_expert < cap
         order = order[keep]
-        counts = counts_all.clamp(max=cap)
+        counts = routed.clamp(max=cap)
         dropped = T * k - order.numel()
-    return Permutation(order=order, token_idx=order // k, counts=counts,
+    return Permutation(order=order, token_idx=order // k, counts=counts, routed=routed,
                        num_assignments=T * k, dropped=int(dropped), inv=_inverse(order, T * k))
+
+
+def expert_counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] (int64): a bincount whose size does not depend on the data,
+    so torch.compile keeps it inside the graph."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _inverse(order: torch.Tensor, num_assignments: int) -> torch.Tensor:
@@ -118,9 +125,11 @@ class _GatherTokens(torch.autograd.Function):
         acc = torch.promote_types(grad.dtype, torch.float32)
         grad_x = grad.new_empty(T, grad.shape[-1])
         for t in _chunks(T, k * grad.shape[-1], grad.device):
-            total = grad_x[t] if acc == grad.dtype else grad.new_empty(t.stop - t.start, grad.shape[-1], dtype=acc)
-            _sum_slots(_slot_rows(grad, inv, t, k), None, total)
-            grad_x[t] = total  # a copy only when the sum ran in a wider dtype
+            if acc == grad.dtype:
+                _sum_slots(_slot_rows(grad, inv, t, k), None, grad_x[t])
+            else:  # sum in the wider dtype, then one rounding
+                grad_x[t] = _sum_slots(_slot_rows(grad, inv, t, k), None, grad.new_empty(t.stop - t.start,
+                                                                                          grad.shape[-1], dtype=acc))
         return grad_x, None
 
 

@@ -104,22 +104,20 @@ class GroupedExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if act == "swiglu" else None
         self.b_in = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(num_experts, d)) if bias else None
-        self._checked: set = set()  # kernels.Target values this layer's kernel was checked for
 
-    def kernel_for(self, x: torch.Tensor, compute_dtype: torch.dtype, counts: torch.Tensor | None = None) -> str:
+    def kernel_for(self, x: torch.Tensor, compute_dtype: torch.dtype, sizes: list[int] | None = None) -> str:
         """The kernel for this device, dtype and (on a CPU) these rows per expert: kernels.choose.
 
-        A forced kernel is checked once per target. The rows only matter on a CPU,
-        where reading counts.max() costs nothing (on a GPU it would be a sync).
+        A forced kernel that can't run here is refused in one line (the check is a few
+        comparisons). `sizes` (rows per expert, on the host) only matter on a CPU,
+        where reading them costs nothing.
         """
         target = kernels.target_of(x, compute_dtype)
         widths = (self.w_in.shape[1], self.w_in.shape[2])
-        if target not in self._checked:
-            kernels.check(self.impl, target, widths)  # a forced kernel that can't run here: one line
-            self._checked.add(target)
+        kernels.check(self.impl, target, widths)
         load = None
-        if self.impl == "auto" and target.device_kind == "cpu" and counts is not None:
-            load = kernels.Load(x.shape[0], int(counts.max()), self.num_experts)
+        if self.impl == "auto" and target.device_kind == "cpu" and sizes is not None:
+            load = kernels.Load(x.shape[0], max(sizes), len(sizes))
         return kernels.choose(self.impl, target, widths, load)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -134,25 +132,13 @@ class GroupedExperts(nn.Module):
         # explicitly, for every kernel: they then round identically. (`.to` returns
         # the tensor itself when it already has that dtype: no copy in fp32.)
         compute_dtype = matmul_dtype(x)
-        impl = self.kernel_for(x, compute_dtype, counts)
         params = [None if p is None else p.to(compute_dtype) for p in (getattr(self, n) for n in EXPERT_PARAMS)]
-        E, N = self.num_experts, x.shape[0]
-        if impl == "loop":
-            return _LoopExperts.apply(x.to(compute_dtype), counts.tolist(), self.act, self.activation, *params)
         x = x.to(compute_dtype)
-        if impl == "bmm":
-            # Pad once: expert e's rows go to block e of an [E, max_count, d] buffer,
-            # the whole MLP runs there (each block's bias is a broadcast add, no per-row
-            # copy) and the rows come back once at the end. Padding rows are zeros and
-            # their outputs are never read, so they add nothing to any gradient.
-            cap = int(counts.max())
-            starts = torch.cumsum(counts, 0) - counts
-            shift = torch.arange(E, device=x.device) * cap - starts  # row i of expert e -> e*cap + (i - start_e)
-            slot = torch.arange(N, device=x.device) + torch.repeat_interleave(shift, counts, output_size=N)
-            padded = x.new_zeros(E * cap, x.shape[-1]).index_copy_(0, slot, x).view(E, cap, -1)
-            y = self._mlp(padded, *params, linear=_padded_linear)
-            return gather_rows(y.view(E * cap, -1), slot)
+        if self.kernel_for(x, compute_dtype) != "grouped_mm":
+            return self._host_sized(x, counts, params)
         # grouped_mm: the rows stay put; one grouped GEMM per projection, bias rows gathered.
+        # Nothing here reads the counts on the host, so torch.compile traces it whole.
+        E, N = self.num_experts, x.shape[0]
         offs = torch.cumsum(counts, 0).to(torch.int32)
         expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
 
@@ -161,6 +147,29 @@ class GroupedExperts(nn.Module):
             return y if b is None else _AddGroupedBias.apply(y, b, counts, expert_of_row)
 
         return self._mlp(x, *params, linear=grouped_linear)
+
+    @torch.compiler.disable  # traced, every step's new counts would be a recompilation
+    def _host_sized(self, x: torch.Tensor, counts: torch.Tensor, params: list) -> torch.Tensor:
+        """The kernels that need the rows per expert on the host: loop and bmm.
+
+        One read of the counts (free on a CPU, a sync on a GPU); on a CPU they also
+        pick the kernel. Under torch.compile this call is the layer's one graph break.
+        """
+        sizes = counts.tolist()
+        impl = self.kernel_for(x, x.dtype, sizes)
+        if impl == "loop":
+            return _LoopExperts.apply(x, sizes, self.act, self.activation, *params)
+        # bmm. Pad once: expert e's rows go to block e of an [E, max_count, d] buffer,
+        # the whole MLP runs there (each block's bias is a broadcast add, no per-row
+        # copy) and the rows come back once at the end. Padding rows are zeros and
+        # their outputs are never read, so they add nothing to any gradient.
+        E, N, cap = self.num_experts, x.shape[0], max(sizes)
+        starts = torch.cumsum(counts, 0) - counts
+        shift = torch.arange(E, device=x.device) * cap - starts  # row i of expert e -> e*cap + (i - start_e)
+        slot = torch.arange(N, device=x.device) + torch.repeat_interleave(shift, counts, output_size=N)
+        padded = x.new_zeros(E * cap, x.shape[-1]).index_copy_(0, slot, x).view(E, cap, -1)
+        y = self._mlp(padded, *params, linear=_padded_linear)
+        return gather_rows(y.view(E * cap, -1), slot)
 
     def _mlp(self, x, w_in, w_gate, w_out, b_in, b_out, *, linear):
         """The expert MLP for bmm and grouped_mm: `linear(x, w, b)` applies each row's expert.
@@ -356,7 +365,7 @@ class MoE(nn.Module):
     def _record(self, topk_idx, logits, probs, perm):
         """Aux terms for the loss, and what the routing statistics are derived from."""
         E = self.num_experts
-        chosen = torch.bincount(topk_idx.reshape(-1), minlength=E)
+        chosen = perm.routed  # what the router chose, before any capacity drop
         if self.training:
             # Switch aux loss, normalised by k so a perfectly balanced layer scores
             # exactly 1.0: f_i is the fraction of the T*k assignments sent to expert
@@ -365,7 +374,7 @@ class MoE(nn.Module):
             f = chosen.float() / topk_idx.numel()
             self.aux_loss = E * torch.sum(f * probs.mean(0))
             self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-            self.load += chosen  # what the router chose, before any capacity drop
+            self.load += chosen
         self.last_routing = (perm.counts.detach(), perm.dropped, perm.num_assignments)
 
     @property

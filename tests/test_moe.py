@@ -659,10 +659,10 @@ def test_cuda_matches_cpu(impl):
 def test_auto_kernel_on_cpu_and_forced_kernels():
     """On a CPU auto follows the rows per expert (kernels.cpu_prefers_bmm); forced kernels stay."""
     few, many = torch.zeros(24, D), torch.zeros(8 * 400, D)
-    even = lambda rows, E: torch.full((E,), rows // E)  # noqa: E731
+    even = lambda rows, E: [rows // E] * E  # noqa: E731
     assert GroupedExperts(8, D, H, impl="auto").kernel_for(few, torch.float32, even(24, 8)) == "bmm"
     assert GroupedExperts(8, D, H, impl="auto").kernel_for(many, torch.bfloat16, even(3200, 8)) == "loop"
-    skewed = torch.tensor([20, 4, 0, 0, 0, 0, 0, 0])  # bmm would pad 24 rows to 160
+    skewed = [20, 4, 0, 0, 0, 0, 0, 0]  # bmm would pad 24 rows to 160
     assert GroupedExperts(8, D, H, impl="auto").kernel_for(few, torch.float32, skewed) == "loop"
     assert GroupedExperts(8, D, H, impl="auto").kernel_for(few, torch.float32) == "loop"  # rows not given
     assert GroupedExperts(17, D, H, impl="grouped_mm").kernel_for(few, torch.float32, even(24, 17)) == "grouped_mm"
