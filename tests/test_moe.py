@@ -737,6 +737,29 @@ def test_experts_gradients_match_autograd_per_expert(impl, activation):
         assert torch.equal(p.grad[1], torch.zeros_like(p.grad[1])), n
 
 
+@pytest.mark.parametrize("impl", ["auto", "loop", "bmm"])
+def test_compile_breaks_only_at_host_sized_experts_and_never_recompiles(impl):
+    """torch.compile: the one graph break per MoE layer is the loop/bmm kernel (it reads the counts on
+    the host); routing that changes from step to step causes no recompilation."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = make_cfg(moe_impl=impl, n_layer=2, block_size=S)
+    model = GPT(cfg)
+    compiled = torch.compile(model, backend="eager")  # dynamo's graph capture, without inductor's codegen
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            x = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
+            _, loss = compiled(x, x)
+            loss.backward()
+    reasons = counters["graph_break"]
+    assert reasons and all("_host_sized" in reason for reason in reasons), list(reasons)
+    assert sum(reasons.values()) <= cfg.n_layer + 1  # each layer's frame, and the model's loop over blocks
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- 8. config validation
 
 BAD = {
