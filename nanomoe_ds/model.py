@@ -143,7 +143,11 @@ class GPT(nn.Module):
         if self.training and moes:
             aux = torch.stack([m.aux_loss for m in moes]).mean()
             z = torch.stack([m.z_loss for m in moes]).mean()
-            loss = ce + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
+            # A term whose coefficient is 0 is logged, not added: it has no graph (MoE._record)
+            # and 0 * inf would turn the loss into NaN.
+            for coef, term in ((self.config.aux_loss_coef, aux), (self.config.z_loss_coef, z)):
+                if coef:
+                    loss = loss + coef * term
             self.last_losses.update(aux_loss=aux.detach(), z_loss=z.detach())
         return logits, loss
 

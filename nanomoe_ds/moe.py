@@ -372,8 +372,13 @@ class MoE(nn.Module):
             # i (sum f = 1), P_i the mean router probability. E * sum(f * P) = 1 when
             # both are uniform. (Megatron counts f_i over T, so its value is k times ours.)
             f = chosen.float() / topk_idx.numel()
-            self.aux_loss = E * torch.sum(f * probs.mean(0))
-            self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+            # A term that is not in the loss (coefficient 0) is computed for the logs only,
+            # without a graph: its backward would cost a step time and add nothing.
+            grad = torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad and self.cfg.aux_loss_coef != 0):
+                self.aux_loss = E * torch.sum(f * probs.mean(0))
+            with torch.set_grad_enabled(grad and self.cfg.z_loss_coef != 0):
+                self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
             self.load += chosen
         self.last_routing = (perm.counts.detach(), perm.dropped, perm.num_assignments)
 

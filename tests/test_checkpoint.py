@@ -32,7 +32,14 @@ def run_at(topology: str, char_data, out_dir, tmp_path, **over):
     args = tiny_args(char_data, out_dir, **{**OVER, **over})
     if json_name is None:
         model_cfg, train_cfg = from_argv(args)
-        train(model_cfg, train_cfg)
+        # One thread, as in the rank subprocesses (OMP_NUM_THREADS=1): a bit-for-bit comparison
+        # needs the same reduction splits, and those follow the thread count.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train(model_cfg, train_cfg)
+        finally:
+            torch.set_num_threads(threads)
         return
     ds = ds_json(tmp_path, json_name, bf16=topology.endswith("bf16"))
     for r in run_ranks(ranks, ["--deepspeed_config", ds, *args, f"--ep_size={ep_size}"]):

@@ -408,7 +408,7 @@ def test_uniform_router_aux_loss_is_exactly_one(gate):
 
 
 def test_aux_loss_gradient_matches_reference():
-    cfg = make_cfg(num_experts=4, num_experts_per_tok=2)
+    cfg = make_cfg(num_experts=4, num_experts_per_tok=2, z_loss_coef=0.5)
     moe = make_moe(cfg, torch.float32, seed=43).train()
     x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(44))
     moe(x)
@@ -420,6 +420,20 @@ def test_aux_loss_gradient_matches_reference():
     ref = 4 * (f * probs.mean(0)).sum() + 0.5 * torch.logsumexp(logits, -1).square().mean()
     ref.backward()
     torch.testing.assert_close(moe.router.weight.grad, W.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aux_coef, z_coef", [(0.0, 0.1), (0.01, 0.0), (0.0, 0.0)])
+def test_a_term_with_coefficient_zero_is_logged_without_a_graph(aux_coef, z_coef):
+    """Its value is still computed (for the logs); it adds nothing to the loss and costs no backward."""
+    cfg = make_cfg(aux_loss_coef=aux_coef, z_loss_coef=z_coef)
+    model = GPT(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
+    _, loss = model(x, x)
+    moe = model.moe_layers()[0]
+    assert moe.aux_loss.requires_grad == (aux_coef != 0) and moe.z_loss.requires_grad == (z_coef != 0)
+    assert model.last_losses["aux_loss"] > 0 and model.last_losses["z_loss"] > 0
+    want = model.last_losses["ce"] + aux_coef * model.last_losses["aux_loss"] + z_coef * model.last_losses["z_loss"]
+    torch.testing.assert_close(loss.detach(), want)
 
 
 def test_aux_terms_only_set_in_training():
