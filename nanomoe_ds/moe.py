@@ -184,9 +184,10 @@ class GroupedExperts(nn.Module):
         return linear(h, w_out, b_out)
 
 
-# The bias is added after the matmul, not fused (addmm/baddbmm), so every kernel
-# rounds the product to the compute dtype before adding it, like the grouped GEMM,
-# which has no bias: the impls' outputs then agree bit for bit when their GEMMs do.
+# bmm adds the bias after the matmul, as grouped_mm must (the grouped GEMM has no
+# bias): both round the product to the compute dtype first, so their outputs agree bit
+# for bit when their GEMMs do. The loop kernel adds it inside the GEMM (addmm), one call
+# per expert instead of two; its outputs can differ from theirs in the last bit.
 def _padded_linear(x, w, b):
     """[E, cap, d_in] @ [E, d_in, d_out] + b[E, d_out], the bias broadcast over each block's rows."""
     y = torch.bmm(x, w)
