@@ -174,7 +174,7 @@ class GroupedExperts(nn.Module):
     def _mlp(self, x, w_in, w_gate, w_out, b_in, b_out, *, linear):
         """The expert MLP for bmm and grouped_mm: `linear(x, w, b)` applies each row's expert.
 
-        _LoopExperts computes the same function with the same roundings, step by step.
+        _LoopExperts computes the same function expert by expert (its bias inside the GEMM).
         """
         h = linear(x, w_in, b_in)
         if self.act == "swiglu":
@@ -215,7 +215,7 @@ class _LoopExperts(torch.autograd.Function):
         gate = x.new_empty(N, hidden) if act == "swiglu" else None
         h_act = x.new_empty(N, hidden)
         y = x.new_empty(N, w_out.shape[-1])
-        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        approximate = gelu_approximate(activation)
         for e, (x_e, h_e, gate_e, act_e, y_e) in _blocks(sizes, x, h, gate, h_act, y):
             _linear_into(h_e, x_e, w_in[e], b_in, e)
             if gate is None:
@@ -275,11 +275,6 @@ def _linear_into(out, x, w, b, e):
         torch.addmm(b[e], x, w, out=out)
 
 
-def _segment_sum(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sum of each expert's contiguous rows [E, width], accumulated in fp32 (zeros for experts without rows)."""
-    return torch.segment_reduce(rows.float(), "sum", lengths=lengths).to(rows.dtype)
-
-
 class _AddGroupedBias(torch.autograd.Function):
     """y + b[expert of each row], for rows grouped by expert.
 
@@ -297,13 +292,18 @@ class _AddGroupedBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (counts,) = ctx.saved_tensors
-        grad_b = _segment_sum(grad, counts)
+        grad_b = torch.segment_reduce(grad.float(), "sum", lengths=counts).to(grad.dtype)
         return grad, grad_b, None, None
+
+
+def gelu_approximate(activation: str) -> str:
+    """F.gelu's `approximate` for an activation name: "tanh" for gelu_tanh (GPT-2's), else "none"."""
+    return "tanh" if activation == "gelu_tanh" else "none"
 
 
 def gelu(h: torch.Tensor, activation: str) -> torch.Tensor:
     """The MLP nonlinearity: exact GELU, or the tanh approximation GPT-2 was trained with ("gelu_tanh")."""
-    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return F.gelu(h, approximate=gelu_approximate(activation))
 
 
 class MLP(nn.Module):

@@ -259,10 +259,11 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
         engine = LocalEngine(model, t, device, dtype)
     else:
         engine = engine_factory(model, t)
-    start_iter, best_val = 0, 1e9
+    start_iter, best_val, train_s = 0, 1e9, 0.0
     if t.init_from == "resume":
         state = engine.load(t.out_dir, ckpt)
         start_iter, best_val = state["iter_num"], state["best_val_loss"]
+        train_s = state.get("train_s", 0.0)  # absent from checkpoints written before it was recorded
     if engine.rank == 0:
         log = metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, start_iter))
     else:
@@ -270,7 +271,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, t.peak_tflops)
     try:
         result = run_loop(engine, Batches(data_dir, m.block_size, t.batch_size, engine.device, t.seed), t, log,
-                          start_iter, best_val, flops_per_token, peak)
+                          start_iter, best_val, flops_per_token, peak, train_s)
     except BaseException:
         log.close(failed=True)
         raise
@@ -279,7 +280,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
 
 
 def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int,
-             best_val: float, flops_per_token: int, peak_flops: float | None) -> dict:
+             best_val: float, flops_per_token: int, peak_flops: float | None, train_s: float = 0.0) -> dict:
     """nanoGPT's loop over the engine: eval and checkpoint, step, guard, log; stop on a signal after a save."""
     model = engine.module
     my_micro = shard(t.gradient_accumulation_steps, engine.rank, engine.world_size)
@@ -288,7 +289,8 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
     tally = metrics.RoutingTally(model.moe_layers()) if t.log_moe_stats and model.moe_layers() else None
     result: dict = {"train_losses": []}
     t0, running_mfu, local_iter = time.time(), None, 0
-    train_s = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded): runs compare on it
+    # train_s: seconds spent in training steps (evaluation and checkpoints excluded), carried across
+    # resumes in the checkpoint: runs compare on it
     preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
     try:
         while True:
@@ -326,7 +328,7 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
             iter_num += 1
             local_iter += 1
             if stop_requested:  # preempted: save where the next iteration starts, then leave the loop
-                save(engine, t, iter_num, best_val)
+                save(engine, t, iter_num, best_val, train_s)
                 log.print(f"stopped by {preemption.requested or 'a signal to another rank'} before iteration "
                           f"{iter_num}; checkpoint saved to {t.out_dir}; continue with --init_from=resume")
                 result["stopped_by_signal"] = True
@@ -363,16 +365,16 @@ def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: met
     if losses["val"] < best_val or t.always_save_checkpoint:
         best_val = min(best_val, losses["val"])
         if iter_num > 0:
-            save(engine, t, iter_num, best_val)
+            save(engine, t, iter_num, best_val, train_s)
             log.print(f"saving checkpoint to {t.out_dir}")
     return best_val
 
 
-def save(engine: Engine, t: TrainConfig, iter_num: int, best_val: float):
+def save(engine: Engine, t: TrainConfig, iter_num: int, best_val: float, train_s: float):
     """A checkpoint from which training continues at `iter_num`."""
     model_cfg = engine.module.config
-    engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val, "model_args": asdict(model_cfg),
-                            "config": to_dict(model_cfg, t)})
+    engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val, "train_s": train_s,
+                            "model_args": asdict(model_cfg), "config": to_dict(model_cfg, t)})
 
 
 def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list[int], iter_num: int, lr: float,
