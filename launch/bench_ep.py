@@ -292,10 +292,9 @@ def _ensure_data():
     d = REPO / "data" / "shakespeare_char"
     if (d / "train.bin").exists() and (d / "val.bin").exists():
         return
-    cmd = [sys.executable, str(d / "prepare.py")]
-    local = Path("/work/shared/data/tinyshakespeare/input.txt")
-    if local.exists():
-        cmd += ["--input", str(local)]
+    cmd = [sys.executable, str(d / "prepare.py")]  # downloads, or reads $SHAKESPEARE_INPUT as test_data.sh does
+    if os.environ.get("SHAKESPEARE_INPUT"):
+        cmd += ["--input", os.environ["SHAKESPEARE_INPUT"]]
     subprocess.run(cmd, check=True, cwd=REPO)
 
 

@@ -88,6 +88,9 @@ def main():
     for split in ("train", "val"):
         if not os.path.exists(os.path.join(REPO, "data", "shakespeare_char", f"{split}.bin")):
             fail(f"missing data/shakespeare_char/{split}.bin; run python data/shakespeare_char/prepare.py first")
+    for name in ("dense", args.moe):  # the trainer appends to metrics.jsonl: the curves would mix runs
+        if os.path.exists(os.path.join(args.out_dir, name, "metrics.jsonl")):
+            fail(f"{os.path.join(args.out_dir, name)} already holds a run; remove it or pass another --out_dir")
     if args.max_iters % args.eval_interval:
         fail(f"--max_iters ({args.max_iters}) must be a multiple of --eval_interval ({args.eval_interval})")
 

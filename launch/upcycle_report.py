@@ -22,18 +22,14 @@ from nanomoe_ds.upcycle import expert_spread  # noqa: E402
 
 def report_run(out_dir: Path):
     rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
-    wall = {}
-    total = 0.0
+    logged = [r for r in rows if "time_ms" in r]  # every log_interval-th step
+    step_ms = sorted(r["time_ms"] for r in logged)
+    print(f"== {out_dir}: {logged[-1]['iter'] + 1} steps, {logged[-1]['train_s']:.1f} s of steps, "
+          f"median logged step {step_ms[len(step_ms) // 2]:.1f} ms")
     for r in rows:
-        if "time_ms" in r:
-            total += r["time_ms"] / 1000
-            wall[r["iter"]] = total
-    step_ms = sorted(r["time_ms"] for r in rows if "time_ms" in r)
-    print(f"== {out_dir}: {len(step_ms)} steps, {total:.1f} s, median step {step_ms[len(step_ms) // 2]:.1f} ms")
-    for r in rows:
-        if "val_loss" in r:
+        if "val_loss" in r:  # train_s: step time before this eval (evaluations excluded)
             print(f"iter {r['iter']:5d}  val {r['val_loss']:.4f}  train {r['train_loss']:.4f}  "
-                  f"wall {wall.get(r['iter'] - 1, 0.0):7.1f}s")
+                  f"steps {r['train_s']:7.1f}s")
     steps = [r for r in rows if r.get("moe")]
     for name, window in (("first 100", steps[:100]), ("last 100", steps[-100:])):
         if window:

@@ -46,9 +46,14 @@ def save(out_dir: str, payload: dict):
     os.replace(tmp, path)
 
 
+def remove_partial_save(out_dir: str):
+    """Delete a ckpt.pt.tmp left by a killed save. Only the run that owns out_dir calls it (on
+    resume): a reader (sample.py, init_from) must not, as the run may be writing it right now."""
+    (Path(out_dir) / CKPT_NAME).with_suffix(".pt.tmp").unlink(missing_ok=True)
+
+
 def load(out_dir: str, map_location="cpu") -> dict:
     path = Path(out_dir) / CKPT_NAME
-    path.with_suffix(".pt.tmp").unlink(missing_ok=True)  # left by a save that was killed
     if not path.exists():
         raise ConfigError(f"no checkpoint at {path}; train first, or check --out_dir")
     try:

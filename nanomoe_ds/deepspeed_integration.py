@@ -99,13 +99,15 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed counts micro-steps in step(); it only updates on the boundary
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> float | None:
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         norm = None
         if self.clip_ourselves:
             norm = clip_grad_norm_moe_(self.module, self.t.grad_clip)
         self.engine.step()
+        if not self.engine.was_step_applied():
+            return None  # fp16 overflow: the loss scaler skipped this step (not divergence)
         if norm is None:
             norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else None  # None: this set-up does not compute it

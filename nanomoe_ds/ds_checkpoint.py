@@ -181,7 +181,7 @@ def save(engine, model, out_dir: str, state: dict, topology: dict, keep_last: in
         checkpoint.save(out_dir, {**state, **universal, "topology": topology, "ds_tag": tag,
                                   "rng": checkpoint.rng_state()})
         _write_latest(out_dir, tag)
-        prune(out_dir, keep_last)
+        prune(out_dir, keep_last, current=int(state["iter_num"]))
     dist.barrier()
 
 

@@ -46,6 +46,7 @@ class ExpertParallelExperts(GroupedExperts):
                 if getattr(experts, name) is not None:
                     getattr(self, name).copy_(getattr(experts, name)[start:start + num_local])
 
+    @torch.compiler.disable  # split sizes read on the host change every step: traced, each would recompile
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs: [N, d] rows sorted by global expert id; counts: [E] global -> the experts' outputs for xs' rows."""
         P, L = self.ep_size, self.num_experts

@@ -41,7 +41,11 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self, lr: float) -> float | None:
-        """Clip, update, zero the gradients; return the global gradient norm (None if not computed)."""
+        """Clip, update, zero the gradients; return the global gradient norm.
+
+        None where it isn't computed, and for a step the fp16 loss scaler skipped (an
+        overflow it handles by lowering the scale: not a divergence to stop for).
+        """
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over all ranks (a copy, on the tensor's device)."""
@@ -102,16 +106,19 @@ class LocalEngine:
     def backward(self, loss):
         self.scaler.scale(loss / self.grad_accum).backward()
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> float | None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if scale is not None and self.scaler.get_scale() < scale:
+            return None  # fp16 overflow: the scaler skipped this step and lowered the scale (not divergence)
         return float(norm)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +248,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     check_data(data_dir, m.block_size)
     ckpt = None
     if t.init_from == "resume":  # the checkpoint's model shape wins, as in nanoGPT, unless given otherwise
+        if launch_env.process_rank(os.environ) == 0:
+            checkpoint.remove_partial_save(t.out_dir)
         ckpt = checkpoint.load(t.out_dir)
         if "topology" not in ckpt:
             raise ConfigError(f"{t.out_dir}/ckpt.pt has no topology record (written before checkpoints could be "

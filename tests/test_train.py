@@ -159,3 +159,28 @@ def test_preemption_flag_same_signal_twice_stops_at_once():
     finally:
         preemption.restore()
         signal.signal(signal.SIGUSR1, original)
+
+
+def test_fp16_overflow_is_a_skipped_step_not_a_divergence(tmp_path):
+    """GradScaler skips an overflowing step and lowers the scale; step() must not report an inf norm
+    (the NaN guard would stop a healthy fp16 run at its first overflow)."""
+    import torch
+
+    from nanomoe_ds.model import GPT
+    from nanomoe_ds.trainer import LocalEngine, check_finite
+    model_cfg, train_cfg = from_argv(tiny_args(tmp_path, tmp_path, vocab_size=65))
+    torch.manual_seed(0)
+    engine = LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float16)
+    x = torch.randint(0, 65, (2, model_cfg.block_size))
+    _, loss = engine.forward(x, x)
+    engine.backward(loss)
+    weight = engine.module.lm_head.weight
+    weight.grad[0, 0] = float("inf")
+    before, scale = weight.detach().clone(), engine.scaler.get_scale()
+    assert engine.step(1e-3) is None
+    check_finite({"gradient norm": None}, 0, str(tmp_path))  # nothing to stop for
+    assert torch.equal(weight.detach(), before) and engine.scaler.get_scale() < scale
+    _, loss = engine.forward(x, x)  # the next, finite step is applied and reports its norm
+    engine.backward(loss)
+    norm = engine.step(1e-3)
+    assert norm is not None and norm > 0 and not torch.equal(weight.detach(), before)
