@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 import pytest
@@ -72,7 +73,15 @@ def worker(rank, port, case, out_path):
 @pytest.mark.parametrize("case", ["uniform", "all_to_expert0", "rank1_empty"])
 def test_ep2_matches_one_device(tmp_path, case):
     out = str(tmp_path / "res")
-    mp.start_processes(worker, args=(free_port(), case, out), nprocs=WORLD, start_method="spawn", join=True)
+    ranks = mp.start_processes(worker, args=(free_port(), case, out), nprocs=WORLD, start_method="spawn", join=False)
+    deadline = time.monotonic() + 240  # a mismatched all-to-all hangs: fail, and leave no ranks behind
+    try:
+        while not ranks.join(timeout=1):
+            assert time.monotonic() < deadline, "EP ranks did not finish in 240 s"
+    finally:
+        for p in ranks.processes:
+            if p.is_alive():
+                p.kill()
     ref = make_layer()
     skew(ref, case)
     res = [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
