@@ -135,10 +135,16 @@ class TrainConfig:
     device: str = "cuda"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = True
+    # Recompute each transformer block in backward instead of keeping its activations:
+    # less memory for about one more forward per step (activation_checkpoint.py).
+    activation_checkpointing: bool = False
     seed: int = 1337
     # DeepSpeed (the JSON owns precision, ZeRO, clipping and batch sizes)
     deepspeed_config: str = ""
     ep_size: int = 1
+    # On 1 rank ZeRO-1/2/3 partition nothing: run ZeRO-0 instead (same update, no per-step
+    # copies; ds_config.drop_idle_zero). False keeps the JSON's stage, e.g. to debug it.
+    zero_single_rank_as_stage0: bool = True
     local_rank: int = -1  # set by the deepspeed launcher; otherwise unused
     # Seconds a collective may wait for the other ranks before the job fails (DeepSpeed's
     # default). A hung rank then ends the run after this long; checkpoint saves of very

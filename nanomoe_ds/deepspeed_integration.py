@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, ds_checkpoint, ds_groups, launch_env, precision
-from .ds_config import load_ds_config, reconcile
+from .ds_config import activation_checkpointing, drop_idle_zero, load_ds_config, reconcile
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
 from .expert_parallel import parallelize_experts_
@@ -140,30 +140,30 @@ def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
     grads identical within the expert-data-parallel group. Each expert counts once
     if its squared norm is summed over the expert-parallel group only.
     """
-    device = next(model.parameters()).device  # NCCL reduces GPU tensors only
-    dense = torch.zeros((), dtype=torch.float64, device=device)
-    expert: dict = {}
-    grads = []
+    # Squared norms per tensor in one foreach call per bucket (not three ops per parameter),
+    # summed in float64: the dense bucket, then one bucket per expert-parallel group.
+    buckets: dict = {None: ([], None)}
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().square().sum()
-        group = ds_groups.expert_group_of(p)
-        if group is None:  # dense, or experts replicated on every rank (ep_size 1)
-            dense += sq
-        else:
-            total, _ = expert.get(p.group_name, (torch.zeros_like(dense), group))
-            expert[p.group_name] = (total + sq, group)
-    for name in sorted(expert):  # the same order on every rank
-        total, group = expert[name]
-        dist.all_reduce(total, group=group)
-        dense += total
-    norm = dense.sqrt()
+        if p.grad is not None:
+            group = ds_groups.expert_group_of(p)  # None: dense, or experts replicated on every rank (ep_size 1)
+            key = None if group is None else p.group_name
+            buckets.setdefault(key, ([], group))[0].append(p.grad)
+    device = next(model.parameters()).device  # NCCL reduces GPU tensors only
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for name in sorted(buckets, key=lambda k: "" if k is None else k):  # the same order on every rank
+        grads, group = buckets[name]
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        if grads:
+            sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square().sum()
+        if group is not None:
+            dist.all_reduce(sq, group=group)
+        total += sq
+    norm = total.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
+        for grads, _ in buckets.values():
+            if grads:
+                torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm
 
 
@@ -171,6 +171,7 @@ def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
 def make_engine_factory(m: GPTConfig, t: TrainConfig):
     """Init distributed, check the set-up, and return a factory that wraps the model in an engine."""
     ds_cfg = load_ds_config(t.deepspeed_config)  # before any process-group work: fail fast
+    t.activation_checkpointing = activation_checkpointing(ds_cfg, m, t)  # train() wraps the blocks
     import deepspeed
     # CPU runs: skip DeepSpeed's shared-memory op, a 20 s JIT build that training never uses.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -187,6 +188,10 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
     ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
+    if t.zero_single_rank_as_stage0:
+        ds_cfg, note = drop_idle_zero(ds_cfg, world)
+        if note and dist.get_rank() == 0:
+            print(note, flush=True)
     clip_ourselves = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0 and m.use_moe
     if clip_ourselves:
         ds_cfg["gradient_clipping"] = 0.0  # ZeRO-0 computes the norm wrongly with experts (#8475)
@@ -197,6 +202,9 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
             adopt_moe_(model, t.ep_size)
         groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(t.weight_decay))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+        if world == 1 and engine.zero_optimization_stage() == 0:
+            # A sum over one rank: skip DeepSpeed's flatten-reduce-unflatten pass over every gradient.
+            engine.enable_backward_allreduce = False
         if t.compile:  # torch.compile of the module in place (nn.Module.compile): parameter names stay as they are
             engine.compile()
         return DeepSpeedEngine(engine, t, clip_ourselves)

@@ -13,6 +13,7 @@ import math
 
 from . import precision
 from .config import ConfigError, GPTConfig, TrainConfig
+from .model import fused_adamw_supported
 
 def load_ds_config(path: str) -> dict:
     """The JSON as a dict, its blocks checked to be objects (reconcile reads into them)."""
@@ -27,7 +28,7 @@ def load_ds_config(path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"--deepspeed_config: '{path}' is not valid JSON ({e})") from None
     for block in ("", "zero_optimization", "optimizer", "optimizer.params", "scheduler", "scheduler.params",
-                  "bf16", "fp16"):
+                  "bf16", "fp16", "activation_checkpointing"):
         value = ds
         for key in filter(None, block.split(".")):
             value = value.get(key, {})
@@ -65,6 +66,10 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
         raise ConfigError(f"optimizer type '{opt.get('type')}' is not supported; use AdamW")
     params = opt.setdefault("params", {})
     params.setdefault("torch_adam", True)  # no JIT-built C++ op
+    if params.get("torch_adam") and params.get("fused", "auto") == "auto":
+        # torch's fused AdamW, as on the plain path: one kernel over each of ZeRO's flat fp32
+        # partitions, where the default (single-tensor on a CPU) makes several passes over them.
+        params["fused"] = fused_adamw_supported(device_kind)
     for key, value, ours in (("lr", t.learning_rate, "learning_rate"), ("betas", [t.beta1, t.beta2], "beta1/beta2"),
                              ("weight_decay", t.weight_decay, "weight_decay")):
         _fill(params, key, value, ours, where="optimizer.params.")
@@ -91,6 +96,54 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
         # DeepSpeed asserts these for MoE parameter groups.
         ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
     return ds
+
+
+# DeepSpeed's activation-checkpointing options that work only where model code calls
+# deepspeed.checkpointing.checkpoint; this trainer recomputes whole blocks with torch's.
+AC_OPTIONS_NOT_HONOURED = ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization",
+                           "synchronize_checkpoint_boundary", "profile")
+
+
+def activation_checkpointing(ds: dict, m: GPTConfig, t: TrainConfig) -> bool:
+    """Whether to recompute blocks: --activation_checkpointing, or the JSON's "activation_checkpointing" block.
+
+    The block turns it on; an option of it that this trainer cannot honour is refused in one line.
+    """
+    block = ds.get("activation_checkpointing")
+    if block is None:
+        return t.activation_checkpointing
+    for key in AC_OPTIONS_NOT_HONOURED:
+        if block.get(key):
+            raise ConfigError(f'the DeepSpeed JSON\'s "activation_checkpointing" sets {key}, which this trainer does '
+                              f'not implement (it recomputes every block with torch.utils.checkpoint); set {key} '
+                              'to false, or remove the block and use --activation_checkpointing=True')
+    number = block.get("number_checkpoints")
+    if number not in (None, m.n_layer):
+        raise ConfigError(f'the DeepSpeed JSON\'s activation_checkpointing.number_checkpoints={number}, but this '
+                          f'trainer checkpoints every block (n_layer={m.n_layer}); remove number_checkpoints')
+    return True
+
+
+def drop_idle_zero(ds: dict, data_parallel_size: int) -> tuple[dict, str | None]:
+    """ZeRO-0 where ZeRO-1/2/3 would partition over a single rank; returns (ds, a note to print, or None).
+
+    With one data-parallel rank there is nothing to partition, and stages 1-3 compute the
+    same update as stage 0 (tests/test_deepspeed.py: both match one device to 1e-5) while
+    paying their machinery every step: each gradient copied into a bucket, "reduced", copied
+    into the partition, the norm taken parameter by parameter, the fp32 partition copied
+    back into the weights (docs/benchmarks.md measures it). An offload block keeps the
+    stage: moving optimizer state off the GPU is a memory choice, not a partition.
+    """
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    offload = any(zero.get(key, {}).get("device", "none") not in ("none", None)
+                  for key in ("offload_optimizer", "offload_param"))
+    if data_parallel_size != 1 or stage == 0 or offload:
+        return ds, None
+    ds = copy.deepcopy(ds)
+    ds["zero_optimization"] = {"stage": 0}
+    return ds, (f"note: ZeRO-{stage} on 1 rank partitions nothing; running ZeRO-0, which computes the same "
+                f"update without ZeRO-{stage}'s per-step copies")
 
 
 # DeepSpeed's monitor blocks would log the engine's own view (loss of its last micro-batch, rank 0's

@@ -14,6 +14,7 @@ experts with a grouped GEMM over expert-sorted tokens).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -24,6 +25,22 @@ from torch.profiler import record_function
 from . import kernels
 from .config import GPTConfig
 from .dispatch import capacity, gather_rows, gather_tokens, permute, unpermute
+
+
+class _Replay:
+    """Set while activation checkpointing replays a forward in backward (activation_checkpoint.py):
+    the replay routes identically, and what a forward records besides its output is recorded once.
+    A class attribute, not a ContextVar: torch.compile can read it (and guards on it)."""
+    active = False
+
+
+@contextmanager
+def recomputing():
+    previous, _Replay.active = _Replay.active, True
+    try:
+        yield
+    finally:
+        _Replay.active = previous
 
 
 class Router(nn.Module):
@@ -380,6 +397,9 @@ class MoE(nn.Module):
                 self.aux_loss = E * torch.sum(f * probs.mean(0))
             with torch.set_grad_enabled(grad and self.cfg.z_loss_coef != 0):
                 self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        if _Replay.active:
+            return  # the forward being replayed has recorded these (the aux terms above it recomputes)
+        if self.training:
             self.load += chosen
         self.last_routing = (perm.counts.detach(), perm.dropped, perm.num_assignments)
 

@@ -21,6 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from . import checkpoint, launch_env, metrics, precision, profiling
+from .activation_checkpoint import checkpoint_blocks_
 from .config import ConfigError, GPTConfig, TrainConfig, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
@@ -259,6 +260,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
+    if t.activation_checkpointing:
+        checkpoint_blocks_(model)
     flops_per_token = model.flops_per_token()  # before experts are sharded: the whole model's active params
     if launch_env.process_rank(os.environ) == 0:
         print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, "

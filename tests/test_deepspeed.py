@@ -90,10 +90,27 @@ def test_capacity_limited_exchange_ep2(char_data, tmp_path):
     assert_same_run(one, dist, rel=1e-5, weight_atol=1e-5)
 
 
-def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path):
-    """`deepspeed --num_gpus 1 ...`: one rank, the engine path, same numbers as plain PyTorch."""
-    dist = run_ds(1, tmp_path, char_data, "one", ds_json(tmp_path, "zero2"))
+@pytest.mark.parametrize("keep_stage", [False, True])
+def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path, keep_stage):
+    """`deepspeed --num_gpus 1 ...`: one rank, the engine path, same numbers as plain PyTorch.
+
+    ZeRO-2 on one rank runs as ZeRO-0 and says so, unless told to keep the stage."""
+    args = tiny_args(char_data, tmp_path / "one", **COMMON, zero_single_rank_as_stage0=not keep_stage)
+    (res,) = run_ranks(1, ["--deepspeed_config", ds_json(tmp_path, "zero2"), *args])
+    assert res.returncode == 0, res.stderr[-3000:]
+    dist = train_rows(tmp_path / "one"), torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
     assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
+    assert dist[1]["topology"]["zero_stage"] == (2 if keep_stage else 0)  # what ran is what the checkpoint says
+    note = "note: ZeRO-2 on 1 rank partitions nothing; running ZeRO-0"
+    assert (note in res.stdout) != keep_stage, res.stdout[-2000:]
+
+
+def test_activation_checkpointing_json_block_ep2_matches_one_device(single, char_data, tmp_path):
+    """DeepSpeed's "activation_checkpointing" block turns on block recompute: the exchanges repeat in backward."""
+    path = ds_json(tmp_path, "zero2", activation_checkpointing={"partition_activations": False})
+    (rows, ck) = run_ds(2, tmp_path, char_data, "ac", path, ep_size=2)
+    assert ck["config"]["activation_checkpointing"] is True
+    assert_same_run(single, (rows, ck), rel=1e-5, weight_atol=1e-5)
 
 
 def test_bf16_ep2_within_bf16_tolerance(single, char_data, tmp_path):

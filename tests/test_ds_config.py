@@ -8,7 +8,7 @@ from conftest import REPO
 
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.data import fit_accumulation
-from nanomoe_ds.ds_config import reconcile
+from nanomoe_ds.ds_config import activation_checkpointing, drop_idle_zero, reconcile
 from nanomoe_ds.precision import Support
 
 
@@ -58,3 +58,67 @@ def test_monitor_blocks_refused_not_ignored(block, ours):
                                           f'remove it and use {re.escape(ours)}'):
         reconcile_fp16_json(Support(True, True), fp16={"enabled": False}, **{block: {"enabled": True}})
     reconcile_fp16_json(Support(True, True), fp16={"enabled": False}, **{block: {"enabled": False}})  # a no-op block
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "ds_configs").glob("*.json")))
+def test_shipped_jsons_carry_the_fast_settings(name):
+    """torch's AdamW (no JIT-built op), fused where the device has it: one kernel over ZeRO's flat partitions."""
+    params = json.load(open(REPO / "ds_configs" / f"{name}.json"))["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] == "auto"
+    model_cfg, train_cfg = from_argv(["--batch_size=4", "--gradient_accumulation_steps=2"])
+    ds = reconcile(json.load(open(REPO / "ds_configs" / f"{name}.json")), model_cfg, train_cfg, 2, "cpu",
+                   Support(bfloat16=True, float16=True))
+    assert ds["optimizer"]["params"]["fused"] is True  # torch >= 2.4 fuses AdamW on CPUs and GPUs
+
+
+def test_fused_left_as_the_json_says():
+    model_cfg, train_cfg = from_argv(["--batch_size=4", "--gradient_accumulation_steps=2"])
+    cfg = json.load(open(REPO / "ds_configs/zero1.json"))
+    cfg["optimizer"]["params"]["fused"] = False
+    ds = reconcile(cfg, model_cfg, train_cfg, 2, "cuda", Support(True, True))
+    assert ds["optimizer"]["params"]["fused"] is False
+    del cfg["optimizer"]["params"]["fused"]  # a user's JSON without the key gets the fused kernel too
+    assert reconcile(cfg, model_cfg, train_cfg, 2, "cuda", Support(True, True))["optimizer"]["params"]["fused"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_on_one_rank_runs_as_stage0(stage):
+    ds = {"zero_optimization": {"stage": stage, "contiguous_gradients": True}, "train_batch_size": 4}
+    one, note = drop_idle_zero(ds, data_parallel_size=1)
+    assert one == {"zero_optimization": {"stage": 0}, "train_batch_size": 4}
+    assert note == (f"note: ZeRO-{stage} on 1 rank partitions nothing; running ZeRO-0, which computes the same "
+                    f"update without ZeRO-{stage}'s per-step copies")
+    assert ds["zero_optimization"]["stage"] == stage  # the caller's dict is not changed
+    assert drop_idle_zero(ds, data_parallel_size=2) == (ds, None)  # two ranks: ZeRO partitions
+
+
+def test_zero_stage_kept_with_offload_or_at_stage0():
+    offload = json.load(open(REPO / "ds_configs/zero2_offload.json"))
+    assert drop_idle_zero(offload, 1) == (offload, None)  # offloading is a memory choice, not a partition
+    zero0 = json.load(open(REPO / "ds_configs/zero0.json"))
+    assert drop_idle_zero(zero0, 1) == (zero0, None)
+
+
+def test_activation_checkpointing_from_the_flag_or_the_json_block():
+    model_cfg, train_cfg = from_argv(["--n_layer=4"])
+    assert activation_checkpointing({}, model_cfg, train_cfg) is False
+    assert activation_checkpointing({"activation_checkpointing": {}}, model_cfg, train_cfg) is True
+    block = {"partition_activations": False, "cpu_checkpointing": False, "number_checkpoints": 4}
+    assert activation_checkpointing({"activation_checkpointing": block}, model_cfg, train_cfg) is True
+    train_cfg.activation_checkpointing = True
+    assert activation_checkpointing({}, model_cfg, train_cfg) is True
+
+
+@pytest.mark.parametrize("block, msg", [
+    ({"partition_activations": True}, "the DeepSpeed JSON's \"activation_checkpointing\" sets partition_activations, "
+                                      "which this trainer does not implement (it recomputes every block with "
+                                      "torch.utils.checkpoint); set partition_activations to false, or remove the "
+                                      "block and use --activation_checkpointing=True"),
+    ({"cpu_checkpointing": True}, "the DeepSpeed JSON's \"activation_checkpointing\" sets cpu_checkpointing"),
+    ({"number_checkpoints": 2}, "the DeepSpeed JSON's activation_checkpointing.number_checkpoints=2, but this trainer "
+                                "checkpoints every block (n_layer=4); remove number_checkpoints"),
+])
+def test_activation_checkpointing_options_not_honoured_are_refused(block, msg):
+    model_cfg, train_cfg = from_argv(["--n_layer=4"])
+    with pytest.raises(ConfigError, match="^" + re.escape(msg)):
+        activation_checkpointing({"activation_checkpointing": block}, model_cfg, train_cfg)

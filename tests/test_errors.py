@@ -193,6 +193,12 @@ ROWS = [
         "a --dtype other than the JSON's", files=(("ds.json", '{"bf16": {"enabled": true}}'),), one_rank=True),
     Row("train", TINY_DS, "ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2",
         "ZeRO-3 with use_moe=True", files=(("ds.json", '{"zero_optimization": {"stage": 3}}'),), one_rank=True),
+    Row("train", TINY_DS, "the DeepSpeed JSON's \"activation_checkpointing\" sets cpu_checkpointing, which this "
+        "trainer does not implement", "a DeepSpeed activation-checkpointing option other than recomputing blocks",
+        files=(("ds.json", '{"activation_checkpointing": {"cpu_checkpointing": true}}'),), one_rank=True),
+    Row("train", TINY_DS, "the DeepSpeed JSON's activation_checkpointing.number_checkpoints=1, but this trainer "
+        "checkpoints every block (n_layer=2)", "checkpointing only some blocks",
+        files=(("ds.json", '{"activation_checkpointing": {"number_checkpoints": 1}}'),), one_rank=True),
     Row("train", "<tiny> --deepspeed_config=ds_configs/zero2.json --init_from=resume",
         "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir", "resuming where DeepSpeed saved nothing",
         one_rank=True),
