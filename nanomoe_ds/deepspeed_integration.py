@@ -99,7 +99,7 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed counts micro-steps in step(); it only updates on the boundary
 
-    def step(self, lr: float) -> float | None:
+    def step(self, lr: float) -> torch.Tensor | None:
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         norm = None
@@ -109,8 +109,10 @@ class DeepSpeedEngine:
         if not self.engine.was_step_applied():
             return None  # fp16 overflow: the loss scaler skipped this step (not divergence)
         if norm is None:
-            norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else None  # None: this set-up does not compute it
+            norm = self.engine.get_global_grad_norm()  # a float or a tensor, as the ZeRO stage has it
+        if norm is None:
+            return None  # this set-up does not compute it
+        return torch.as_tensor(norm, dtype=torch.float64, device=self.engine.device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over all ranks; goes through the engine's device, as NCCL only takes GPU tensors."""

@@ -412,9 +412,8 @@ class MoE(nn.Module):
     def update_bias(self, rate: float, load: torch.Tensor | None = None):
         """After an optimizer step: raise under-loaded experts' bias and lower over-loaded ones' (sign rule)."""
         load = (self.load if load is None else load).float()
-        if load.sum() > 0:
-            err = load.mean() - load
-            self.router.score_bias += rate * torch.sign(err).to(self.router.score_bias)
+        err = load.mean() - load  # all zero when nothing was routed: sign 0, no change (and no host read)
+        self.router.score_bias += rate * torch.sign(err).to(self.router.score_bias)
         self.load.zero_()
 
 

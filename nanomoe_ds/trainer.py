@@ -41,9 +41,11 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, lr: float) -> float | None:
-        """Clip, update, zero the gradients; return the global gradient norm.
+    def step(self, lr: float) -> torch.Tensor | None:
+        """Clip, update, zero the gradients; return the global gradient norm, a 0-dim tensor on the device.
 
+        A tensor, not a float: reading it on the host would wait for the step to finish,
+        and train_step reads it with the losses in the step's one device-to-host copy.
         None where it isn't computed, and for a step the fp16 loss scaler skipped (an
         overflow it handles by lowering the scale: not a divergence to stop for).
         """
@@ -107,7 +109,7 @@ class LocalEngine:
     def backward(self, loss):
         self.scaler.scale(loss / self.grad_accum).backward()
 
-    def step(self, lr: float) -> float | None:
+    def step(self, lr: float) -> torch.Tensor | None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.scaler.unscale_(self.optimizer)
@@ -118,9 +120,9 @@ class LocalEngine:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if scale is not None and self.scaler.get_scale() < scale:
+        if scale is not None and self.scaler.get_scale() < scale:  # (fp16 only: get_scale reads the host)
             return None  # fp16 overflow: the scaler skipped this step and lowered the scale (not divergence)
-        return float(norm)
+        return norm
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -395,7 +397,8 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
 
     Returns the global mean (loss, ce, aux, z), the gradient norm, and whether any rank
     was asked to stop: that flag rides in the all-reduce of the losses the step does
-    anyway, so every rank stops (and saves) at the same step boundary.
+    anyway, so every rank stops (and saves) at the same step boundary. All three reach
+    the host in one copy (to_host).
     """
     model = engine.module
     parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
@@ -418,9 +421,19 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
         loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
         for layer, load in zip(layers, loads):
             layer.update_bias(model.config.bias_update_rate, load)
-    stop_flag = torch.tensor([float(stop_here)], dtype=torch.float64)
-    reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0).cpu(), stop_flag]))
-    return reduced[:4] / t.gradient_accumulation_steps, grad_norm, bool(reduced[4] > 0)
+    device = parts[0].device
+    stop_flag = torch.tensor([float(stop_here)], dtype=torch.float64).to(device, non_blocking=True)
+    reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0), stop_flag]))
+    norm = grad_norm.detach().double().view(1).to(device) if grad_norm is not None else reduced.new_zeros(1)
+    host = to_host(torch.cat([reduced, norm]))
+    return host[:4] / t.gradient_accumulation_steps, None if grad_norm is None else float(host[5]), bool(host[4] > 0)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """The step's one device-to-host copy (losses, stop flag, gradient norm): on a GPU the host
+    waits here for the step's kernels; everything else in a step stays on the device
+    (tests/test_train.py counts the reads)."""
+    return tensor.cpu()
 
 
 def log_step(engine: Engine, t: TrainConfig, log: metrics.MetricsLog, tally, iter_num: int, lr: float,

@@ -184,3 +184,57 @@ def test_fp16_overflow_is_a_skipped_step_not_a_divergence(tmp_path):
     engine.backward(loss)
     norm = engine.step(1e-3)
     assert norm is not None and norm > 0 and not torch.equal(weight.detach(), before)
+
+
+# What makes a GPU's host wait for the device: reading a value (item, float, bool: all
+# _local_scalar_dense) and ops whose output size depends on the data. On a CPU nothing waits,
+# but the same ops are dispatched, so counting them here counts what a GPU step would wait for.
+HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+              "aten._unique2.default", "aten.unique_consecutive.default", "aten.bincount.default"}
+BY_MASK = {"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default"}  # reads when indexed by a bool mask
+
+
+def count_host_reads():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = str(func)
+            if (name in HOST_READS or (name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is None)
+                    or (name in BY_MASK and any(i is not None and i.dtype == torch.bool for i in args[1]))):
+                self.reads.append(name)  # (indexing by a boolean mask sizes its output from the mask's contents)
+            return func(*args, **kwargs)
+    return HostReads()
+
+
+@pytest.mark.parametrize("over, reads", [
+    ({}, 0), ({"bias_update_rate": 1e-3, "num_shared_experts": 1}, 0), ({"use_moe": False}, 0),
+    ({"capacity_factor": 1.0}, 2),  # a capacity drop keeps rows by a mask: one read per MoE layer
+])
+def test_a_training_step_reads_the_host_once(char_data, tmp_path, monkeypatch, over, reads):
+    """The single-device step with a GPU's expert kernel (grouped_mm): dropless forward, backward,
+    clip, AdamW and bias balancing read nothing on the host; losses, stop flag and gradient norm
+    come over in one copy (trainer.to_host)."""
+    import torch
+
+    from nanomoe_ds import trainer
+    from nanomoe_ds.data import Batches
+    from nanomoe_ds.model import GPT
+    model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, moe_impl="grouped_mm", vocab_size=65, **over))
+    torch.manual_seed(0)
+    engine = trainer.LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float32)
+    batches = Batches(str(char_data), model_cfg.block_size, train_cfg.batch_size, "cpu", train_cfg.seed)
+    reads_before_copy = []
+    monkeypatch.setattr(trainer, "to_host", lambda t: reads_before_copy.append(list(counter.reads)) or t.cpu())
+    for it in range(2):
+        with count_host_reads() as counter:
+            losses, norm, stop = trainer.train_step(engine, batches, train_cfg, [0, 1], it, 1e-3, it == 1, None)
+        assert len(reads_before_copy[-1]) == reads * 2  # per micro-batch: nothing else waited for the device
+        assert losses.shape == (4,) and norm > 0 and stop == (it == 1)
+    assert len(reads_before_copy) == 2  # one copy per step
