@@ -35,7 +35,6 @@ import torch
 
 from bench import machine_name
 from bench_step import SEED_LINE, VARIANTS as MODELS
-from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
 from nanomoe_ds.config import ArgumentParser, from_argv
 from nanomoe_ds.model import GPT
 from nanomoe_ds.trainer import LocalEngine
@@ -87,7 +86,8 @@ def build(model: str, variant: str, overrides: list[str], tmp: str):
 def seeded_model(model_cfg, train_cfg) -> GPT:
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg)
-    if train_cfg.activation_checkpointing:  # as trainer.train does
+    if getattr(train_cfg, "activation_checkpointing", False):  # as trainer.train does (getattr: older commits)
+        from nanomoe_ds.activation_checkpoint import checkpoint_blocks_  # here: the script also times older commits
         checkpoint_blocks_(model)
     return model
 
