@@ -10,7 +10,7 @@
 # so one report shows everything. The exit status is the number of failed steps.
 #   1. environment: GPU, driver, torch, deepspeed, what kernels.choose picks here
 #   2. the CUDA-only tests (pytest -k cuda)
-#   3. launch/bench.py on CUDA: dense vs ours (every kernel) vs the seed vs DeepSpeed MoE,
+#   3. launch/bench/bench.py on CUDA: dense vs ours (every kernel) vs the seed vs DeepSpeed MoE,
 #      GPT-2-small width, E=8 top-2 and E=64 top-8 at equal active FLOPs, bf16 and fp32
 #   4. a GPT-2-small-sized MoE (8 experts, top-2) for 40 steps under
 #      `deepspeed --num_gpus 1 ... ds_configs/zero2.json`: tokens/s, MFU, peak memory
@@ -69,7 +69,7 @@ EOF
 
 step "2. CUDA-only tests" 150 python3 -m pytest -q -rs -s -k cuda -p no:cacheprovider tests/
 
-step "3. MoE layer vs dense (launch/bench.py)" 120 python3 launch/bench.py --device cuda --dtype bf16,fp32 \
+step "3. MoE layer vs dense (launch/bench/bench.py)" 120 python3 launch/bench/bench.py --device cuda --dtype bf16,fp32 \
     --shapes 8x2x3072,64x8x384 --n_embd 768 --tokens 32768 --repeats 10
 
 # A GPT-2-small-sized MoE on random tokens (throughput only: there is no OpenWebText here).

@@ -8,25 +8,18 @@ writes three PNGs into plot_dir (default: the first out_dir):
   load_cv.png      each MoE layer's load coefficient of variation over the iterations.
 """
 import argparse
-import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanomoe_ds.config import ConfigError  # noqa: E402
+from nanomoe_ds.metrics import read_run  # noqa: E402
 
 
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def read_run(out_dir: str) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a run; a resumed run's repeated iterations keep their latest record."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        fail(f"no metrics.jsonl in {out_dir}; train first or check --out_dir")
-    train, evals = {}, {}
-    for record in map(json.loads, open(path)):
-        (train if "loss" in record else evals)[record["iter"]] = record
-    return [train[i] for i in sorted(train)], [evals[i] for i in sorted(evals)]
 
 
 def plot_losses(plt, runs: dict, path: str):
@@ -99,7 +92,10 @@ def main(argv):
     import matplotlib.pyplot as plt
 
     dirs = [d for d in a.out_dir.split(",") if d]
-    runs = {os.path.normpath(d): read_run(d) for d in dirs}
+    try:
+        runs = {os.path.normpath(d): read_run(d) for d in dirs}
+    except ConfigError as e:
+        fail(str(e))
     plot_dir = a.plot_dir or dirs[0]
     os.makedirs(plot_dir, exist_ok=True)
     written = [os.path.join(plot_dir, "loss.png")]

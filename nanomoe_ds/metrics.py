@@ -246,3 +246,22 @@ def progress_bar(t: TrainConfig, start: int):
         return None
     from tqdm import tqdm
     return tqdm(total=t.max_iters + 1, initial=start, unit="it", dynamic_ncols=True, file=sys.stdout)
+
+
+# ---------------------------------------------------------------- reading a run back
+def read_run(out_dir: str) -> tuple[list[dict], list[dict]]:
+    """(training-step records, eval records) of out_dir/metrics.jsonl, each in iteration order.
+
+    The one reader for launch/plot.py and the reports in launch/bench/. A resumed run logs
+    the iterations after its checkpoint again: the later record of an iteration wins, since
+    that run is the one that went on.
+    """
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ConfigError(f"no metrics.jsonl in {out_dir}; train first or check --out_dir")
+    train, evals = {}, {}
+    with open(path) as f:
+        for record in map(json.loads, f):
+            (train if "loss" in record else evals)[record["iter"]] = record
+    return [train[i] for i in sorted(train)], [evals[i] for i in sorted(evals)]
+

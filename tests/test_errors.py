@@ -343,7 +343,7 @@ def render() -> str:
               "  (another activation_function, n_inner, layer_norm_epsilon): they need a dense source; tested",
               "  in-process in tests/test_upcycle.py and tests/test_model.py;",
               "- a GPT-2 name with no network and no cache: tested in-process in tests/test_model.py;",
-              "- the benchmark scripts' argument checks (launch/bench*.py), which are not part of training.", ""]
+              "- the benchmark scripts' argument checks (launch/bench/*.py), which are not part of training.", ""]
     return "\n".join(lines)
 
 

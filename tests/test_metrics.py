@@ -160,3 +160,16 @@ def test_progress_bar_under_the_deepspeed_launcher(char_data, tmp_path):
                            launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())],
                            env=loopback_env())
     assert "5/5 [" in text and "iter 4: loss" in text
+
+
+def test_read_run_keeps_the_later_record_of_a_resumed_iteration(tmp_path):
+    from nanomoe_ds.metrics import read_run
+    records = [{"iter": 0, "val_loss": 4.0, "train_loss": 4.1}, {"iter": 0, "loss": 4.2}, {"iter": 1, "loss": 3.9},
+               {"iter": 2, "loss": 3.5}, {"iter": 2, "val_loss": 3.6, "train_loss": 3.5},
+               {"iter": 2, "val_loss": 3.7, "train_loss": 3.6}, {"iter": 2, "loss": 3.4}]  # resumed at 2
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    train, evals = read_run(str(tmp_path))
+    assert [(r["iter"], r["loss"]) for r in train] == [(0, 4.2), (1, 3.9), (2, 3.4)]
+    assert [(r["iter"], r["val_loss"]) for r in evals] == [(0, 4.0), (2, 3.7)]
+    with pytest.raises(ConfigError, match=f"^no metrics.jsonl in {tmp_path}/nothing; train first or check --out_dir"):
+        read_run(str(tmp_path / "nothing"))

@@ -12,8 +12,8 @@ Default: the nanoGPT-MoE seed's CPU line (4 layers, n_embd 128, block 64, batch 
   moe-8x2-h256   8 experts, top-2, expert_hidden 256: the same active FLOPs as dense;
 and, with --optimizers, each of them again with the foreach (unfused) AdamW.
 
-    python launch/bench_step.py                      # the seed's CPU line, fp32
-    python launch/bench_step.py --dtype=bfloat16 --steps 60
+    python launch/bench/bench_step.py                      # the seed's CPU line, fp32
+    python launch/bench/bench_step.py --dtype=bfloat16 --steps 60
 """
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository
 
 import torch
 
 from bench import machine_name
 from nanomoe_ds.config import from_argv
 from nanomoe_ds.model import GPT
-from nanomoe_ds.trainer import LocalEngine
+from nanomoe_ds.trainer import LocalEngine, train_step
 
 SEED_LINE = ["launch/config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--block_size=64",
              "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0", "--vocab_size=65"]
@@ -58,12 +58,19 @@ def build(argv: list[str], fused: bool) -> LocalEngine:
     return engine
 
 
-def train_step(engine: LocalEngine, batches: list, lr: float) -> None:
-    """What the trainer does per iteration: forward/backward per micro-batch, then one optimizer step."""
-    for x, y in batches:
-        _, loss = engine.forward(x, y)
-        engine.backward(loss)
-    engine.step(lr)
+class FixedBatches:
+    """trainer.Batches' interface over one fixed batch: the steps time the model, not the data reads."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def get(self, split: str, it: int, micro: int, stream: int = 0):
+        return self.x, self.x
+
+
+def one_step(engine, batches: FixedBatches, lr: float) -> None:
+    """The trainer's own step (trainer.train_step): forward, backward, optimizer, the losses' host copy."""
+    train_step(engine, batches, engine.t, [0], 0, lr, False, None)
 
 
 def build_all(variants: list[str], dtype: str = "float32", optimizers: bool = False,
@@ -78,18 +85,20 @@ def build_all(variants: list[str], dtype: str = "float32", optimizers: bool = Fa
     return engines
 
 
-def time_steps(engines: dict[str, LocalEngine], steps: int = 40, warmup: int = 5) -> dict[str, float]:
-    """Median step time in ms of each engine, one step of each per round, rotating the order."""
-    cfg = next(iter(engines.values())).module.config
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, cfg.vocab_size, (12, cfg.block_size), generator=gen),) * 2]  # x, y: timing only
+def time_steps(engines: dict, steps: int = 40, warmup: int = 5, x: torch.Tensor | None = None) -> dict[str, float]:
+    """Median step time in ms of each engine, one step of each per round, rotating the order.
 
+    `x`: the micro-batch of token ids (default: the seed's 12 x block_size, seeded)."""
+    if x is None:
+        cfg = next(iter(engines.values())).module.config
+        x = torch.randint(0, cfg.vocab_size, (12, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    batches = FixedBatches(x)
     times = {name: [] for name in engines}
     order = list(engines)
     for r in range(warmup + steps):
         for name in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
-            train_step(engines[name], batches, lr=1e-3)
+            one_step(engines[name], batches, lr=1e-3)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
@@ -110,7 +119,7 @@ def main():
 
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {machine_name('cpu')}  threads "
           f"{torch.get_num_threads()}  {args.dtype}  median of {args.steps} interleaved steps")
-    print(f"# {' '.join(['python launch/bench_step.py'] + sys.argv[1:])}")
+    print(f"# {' '.join(['python launch/bench/bench_step.py'] + sys.argv[1:])}")
     print("| variant | params total / active | step ms | x first |")
     print("|---|---|---:|---:|")
     ref = next(iter(step_ms.values()))

@@ -11,22 +11,22 @@
    plot both curves into <out_dir>/race.png.
 
     python data/shakespeare_char/prepare.py                # once
-    python launch/race.py                                  # about 6 minutes on 2 cores
-    python launch/race.py --max_iters=500 --eval_interval=100   # a quick look
+    python launch/bench/race.py                                  # about 6 minutes on 2 cores
+    python launch/bench/race.py --max_iters=500 --eval_interval=100   # a quick look
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository
 
 from bench_step import SEED_LINE, VARIANTS, build_all, time_steps  # noqa: E402
+from nanomoe_ds.metrics import read_run  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The seed's CPU command (README "The seed's CPU run"); bench_step's SEED_LINE is its model part.
 TRAIN_LINE = SEED_LINE + ["--log_interval=50"]  # logging routing statistics costs the MoE time
 
@@ -41,7 +41,8 @@ def moe_iters(max_iters: int, dense_ms: float, moe_ms: float, eval_interval: int
     return max(eval_interval, round(max_iters * dense_ms / moe_ms / eval_interval) * eval_interval)
 
 
-def train(name: str, extra: list[str], iters: int, args) -> list[dict]:
+def train(name: str, extra: list[str], iters: int, args) -> list[tuple[int, float, float]]:
+    """Train one model through launch/train.py; its val curve."""
     out_dir = os.path.join(args.out_dir, name)
     cmd = [sys.executable, os.path.join(REPO, "launch", "train.py")] + TRAIN_LINE + extra + [
         f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={args.eval_interval}",
@@ -49,12 +50,13 @@ def train(name: str, extra: list[str], iters: int, args) -> list[dict]:
     print(f"# {name}: {iters} iterations -> {out_dir}", flush=True)
     if subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL).returncode:
         fail(f"training {name} failed; rerun its command to see why: {' '.join(cmd)}")
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    _, evals = read_run(out_dir)
+    return val_curve(evals)
 
 
-def val_curve(records: list[dict]) -> list[tuple[int, float, float]]:
+def val_curve(evals: list[dict]) -> list[tuple[int, float, float]]:
     """(iteration, training seconds before it, val loss) at every eval."""
-    return [(r["iter"], r["train_s"], r["val_loss"]) for r in records if "val_loss" in r]
+    return [(r["iter"], r["train_s"], r["val_loss"]) for r in evals]
 
 
 def plot(curves: dict, path: str) -> bool:
@@ -99,7 +101,7 @@ def main():
              args.moe: moe_iters(args.max_iters, step_ms["dense"], step_ms[args.moe], args.eval_interval)}
     print(f"# calibration: step dense {step_ms['dense']:.1f} ms, {args.moe} {step_ms[args.moe]:.1f} ms "
           f"({step_ms[args.moe] / step_ms['dense']:.2f}x)", flush=True)
-    curves = {name: val_curve(train(name, VARIANTS[name], iters[name], args)) for name in iters}
+    curves = {name: train(name, VARIANTS[name], iters[name], args) for name in iters}
 
     print("| run | iterations | training time s | val loss at the end | best val loss |")
     print("|---|---:|---:|---:|---:|")
@@ -110,7 +112,7 @@ def main():
     for name, curve in curves.items():
         for it, seconds, val in curve:
             print(f"| {name} | {it} | {seconds:.1f} | {val:.4f} |")
-    (dense_it, dense_s, dense_val), (_, moe_s, moe_val) = curves["dense"][-1], curves[args.moe][-1]
+    (_, dense_s, dense_val), (_, moe_s, moe_val) = curves["dense"][-1], curves[args.moe][-1]
     verdict = "lower" if moe_val < dense_val else "not lower"
     print(f"\n# {args.moe} in {moe_s:.0f} s: val {moe_val:.4f}; dense in {dense_s:.0f} s: val {dense_val:.4f} "
           f"-> the MoE's val loss is {verdict} (difference {moe_val - dense_val:+.4f})")

@@ -15,8 +15,8 @@ Peak memory is the largest extra allocation during one forward+backward above wh
 live before it (so parameters and the input are not counted, their gradients are): from
 torch.cuda.max_memory_allocated on CUDA, from the profiler's allocation events on CPU.
 
-    python launch/bench.py                                # everything, CPU, 2 threads
-    python launch/bench.py --shapes 64x8x192 --dtype bf16 --variants dense,ours --profile
+    python launch/bench/bench.py                                # everything, CPU, 2 threads
+    python launch/bench/bench.py --shapes 64x8x192 --dtype bf16 --variants dense,ours --profile
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository
 
 import torch
 import torch.nn as nn

@@ -1,6 +1,6 @@
 """Summarise runs started from a dense model: val loss against iterations and wall time, expert spread, load.
 
-    python launch/upcycle_report.py OUT_DIR [OUT_DIR ...] [--ckpts DIR]
+    python launch/bench/upcycle_report.py OUT_DIR [OUT_DIR ...] [--ckpts DIR]
 
 For each out_dir: the median step time, and every eval's val loss with the iteration and
 the summed step time (evals included) so far, and the mean load statistics of the MoE layers over the first and last 100 logged
@@ -8,29 +8,26 @@ steps. With --ckpts, a folder of checkpoints kept during an MoE run, it prints e
 expert spread per MoE layer (upcycle.expert_spread of w_in and w_out; 0 = identical copies).
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from nanomoe_ds.metrics import read_run  # noqa: E402
 from nanomoe_ds.upcycle import expert_spread  # noqa: E402
 
 
 def report_run(out_dir: Path):
-    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
-    logged = [r for r in rows if "time_ms" in r]  # every log_interval-th step
+    logged, evals = read_run(str(out_dir))  # every log_interval-th step, every eval
     step_ms = sorted(r["time_ms"] for r in logged)
     print(f"== {out_dir}: {logged[-1]['iter'] + 1} steps, {logged[-1]['train_s']:.1f} s of steps, "
           f"median logged step {step_ms[len(step_ms) // 2]:.1f} ms")
-    for r in rows:
-        if "val_loss" in r:  # train_s: step time before this eval (evaluations excluded)
-            print(f"iter {r['iter']:5d}  val {r['val_loss']:.4f}  train {r['train_loss']:.4f}  "
-                  f"steps {r['train_s']:7.1f}s")
-    steps = [r for r in rows if r.get("moe")]
+    for r in evals:  # train_s: step time before this eval (evaluations excluded)
+        print(f"iter {r['iter']:5d}  val {r['val_loss']:.4f}  train {r['train_loss']:.4f}  steps {r['train_s']:7.1f}s")
+    steps = [r for r in logged if r.get("moe")]
     for name, window in (("first 100", steps[:100]), ("last 100", steps[-100:])):
         if window:
             mean = {k: sum(layer[k] for r in window for layer in r["moe"]) / (len(window) * len(window[0]["moe"]))

@@ -13,9 +13,9 @@ the median of the timed rounds is reported with its ratio to `plain` of the same
 next to what autograd keeps for backward in one forward (the activation memory, counted
 with saved-tensor hooks). Other --key=value arguments override the seed's CPU line.
 
-    python launch/bench_engine.py                       # dense and the seed's MoE, plain vs ZeRO-0/1/2
-    python launch/bench_engine.py --variants plain,zero2,zero2-kept,zero2-unfused --steps 60
-    python launch/bench_engine.py --variants plain,plain-ac,zero2,zero2-ac --block_size=256 --n_layer=8
+    python launch/bench/bench_engine.py                       # dense and the seed's MoE, plain vs ZeRO-0/1/2
+    python launch/bench/bench_engine.py --variants plain,zero2,zero2-kept,zero2-unfused --steps 60
+    python launch/bench/bench_engine.py --variants plain,plain-ac,zero2,zero2-ac --block_size=256 --n_layer=8
 """
 from __future__ import annotations
 
@@ -23,18 +23,16 @@ import datetime
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
 import torch
 
 from bench import machine_name
-from bench_step import SEED_LINE, VARIANTS as MODELS
+from bench_step import SEED_LINE, VARIANTS as MODELS, time_steps
 from nanomoe_ds.config import ArgumentParser, from_argv
 from nanomoe_ds.model import GPT
 from nanomoe_ds.trainer import LocalEngine
@@ -112,25 +110,6 @@ def saved_for_backward_mib(engine, batch, checkpointed: bool) -> float:
     return total / 2**20
 
 
-def train_step(engine, batch, lr: float):
-    _, loss = engine.forward(*batch)
-    engine.backward(loss)
-    engine.step(lr)
-
-
-def time_steps(engines: dict, batch, steps: int, warmup: int) -> dict[str, float]:
-    """Median step time in ms of each engine, one step of each per round, rotating the order."""
-    times = {name: [] for name in engines}
-    order = list(engines)
-    for r in range(warmup + steps):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
-            train_step(engines[name], batch, lr=1e-3)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-
-
 def stage_run(engine) -> str:
     """The ZeRO stage the engine actually runs ('-' for the plain loop)."""
     return str(int(engine.engine.zero_optimization_stage())) if hasattr(engine, "engine") else "-"
@@ -157,12 +136,12 @@ def main():
             batch_size = from_argv(SEED_LINE + overrides)[1].batch_size
             x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=torch.Generator().manual_seed(0))
             saved = {v: saved_for_backward_mib(engine, (x, x), "-ac" in v) for v, engine in engines.items()}
-            step_ms = time_steps(engines, (x, x), args.steps, args.warmup)
+            step_ms = time_steps(engines, args.steps, args.warmup, x)
             rows.append((model, engines, step_ms, saved))
 
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {machine_name('cpu')}  threads "
           f"{torch.get_num_threads()}  fp32, one rank, median of {args.steps} interleaved steps")
-    print(f"# {' '.join(['python launch/bench_engine.py'] + sys.argv[1:])}")
+    print(f"# {' '.join(['python launch/bench/bench_engine.py'] + sys.argv[1:])}")
     print("| model | " + " | ".join(variants) + " |")
     print("|---|" + "---:|" * len(variants))
     for model, engines, step_ms, saved in rows:
