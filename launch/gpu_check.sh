@@ -14,6 +14,10 @@
 #      GPT-2-small width, E=8 top-2 and E=64 top-8 at equal active FLOPs, bf16 and fp32
 #   4. a GPT-2-small-sized MoE (8 experts, top-2) for 40 steps under
 #      `deepspeed --num_gpus 1 ... ds_configs/zero2.json`: tokens/s, MFU, peak memory
+#   4e. launch/bench/bench_engine.py on CUDA, bf16, GPT-2 small: dense vs the FLOP-matched MoE
+#      (8 experts top-2, expert_hidden 1536), each as the plain loop, with activation
+#      checkpointing, and under DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2 (stages kept on one GPU),
+#      interleaved in one process: step ratios, tokens/s, MFU, step peak memory
 #   5. with 2+ GPUs: EP=2 on NCCL against one GPU, fp32, same global batch
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -119,6 +123,11 @@ for run in ("gpt2moe", "local", "compiled"):
     print(f"{run:9s} tokens/s {tps:9.0f}  step {statistics.median(r['time_ms'] for r in rows):7.1f} ms  "
           f"MFU {mfu}  peak mem {mem:.1f} GiB  last loss {rows[-1]['loss']:.3f}")
 EOF
+
+step "4e. DeepSpeed vs plain, dense vs FLOP-matched MoE, activation checkpointing (launch/bench/bench_engine.py)" 150 \
+    python3 launch/bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \
+    --variants=plain,plain-ac,zero0,zero1-kept,zero2-kept --steps=15 --warmup=5 --n_layer=12 --n_head=12 \
+    --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50304 --expert_hidden=1536 --dropout=0.0
 
 # The checkpoint path on a GPU: a DeepSpeed ZeRO-2 bf16 save, resumed on one device (resharded from ckpt.pt).
 python3 data/shakespeare_char/prepare.py --input "${SHAKESPEARE_INPUT:-data/shakespeare_char/input.txt}" \

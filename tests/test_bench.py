@@ -16,22 +16,25 @@ def run_script(*argv) -> str:
     return r.stdout
 
 
-def table_row(out: str, name: str) -> list[str]:
-    (line,) = [line for line in out.splitlines() if line.startswith(f"| {name} |")]
-    return [cell.strip() for cell in line.strip("|").split("|")]
+def table_rows(out: str, name: str) -> list[list[str]]:
+    """The cells of each table row that starts with `name`, in order."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {name} |")]
 
 
 def test_bench_engine_reports_the_stage_that_ran():
     out = run_script("launch/bench/bench_engine.py", "--steps=1", "--warmup=0", "--models=moe-10x2",
                      "--variants=plain,zero2,zero2-kept,plain-ac", "--n_layer=2")
-    _, plain, zero2, kept, ac = table_row(out, "moe-10x2")
+    (_, plain, zero2, kept, ac), *throughput = table_rows(out, "moe-10x2")
     assert re.fullmatch(r"[\d.]+ ms \([\d.]+ MiB\)", plain), plain
     assert ", ZeRO 0," in zero2 and ", ZeRO 2," in kept  # one rank: the shipped JSON runs as ZeRO-0 unless kept
     saved = [float(re.search(r"([\d.]+) MiB", cell).group(1)) for cell in (plain, ac)]
     assert saved[1] < saved[0] / 2  # activation checkpointing keeps less for backward
+    assert [row[1] for row in throughput] == ["plain", "zero2", "zero2-kept", "plain-ac"]
+    assert all(float(row[2]) > 0 and row[3] == "n/a" for row in throughput)  # tokens/s; no CPU peak for MFU
 
 
 def test_bench_step_times_every_variant():
     out = run_script("launch/bench/bench_step.py", "--steps=1", "--warmup=0", "--n_layer=2")
     for name in ("dense", "moe-10x2", "moe-8x2-h256"):
-        assert float(table_row(out, name)[2]) > 0
+        assert float(table_rows(out, name)[0][2]) > 0

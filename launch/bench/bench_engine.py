@@ -2,20 +2,25 @@
 
 Every variant is a model plus an engine built the way `launch/train.py` builds it: `plain`
 is trainer.LocalEngine (what `python launch/train.py` runs), `zeroN` is
-deepspeed_integration's engine on the shipped `ds_configs/zeroN.json` with bf16 off (fp32),
-in this one process as a single rank (RANK=0, WORLD_SIZE=1, gloo on loopback). Suffixes:
+deepspeed_integration's engine on the shipped `ds_configs/zeroN.json` in --dtype, in this
+one process as a single rank (RANK=0, WORLD_SIZE=1, gloo or NCCL). Suffixes:
   -kept     keep the JSON's ZeRO stage on one rank (--zero_single_rank_as_stage0=False):
             DeepSpeed's ZeRO machinery itself, which the default replaces with ZeRO-0 there;
   -unfused  the JSON's optimizer with "fused": false (DeepSpeed's torch AdamW default);
   -ac       --activation_checkpointing=True (any variant, e.g. plain-ac, zero2-ac).
-Steps of all variants are interleaved (one step of each per round, rotating the order) and
-the median of the timed rounds is reported with its ratio to `plain` of the same model,
-next to what autograd keeps for backward in one forward (the activation memory, counted
-with saved-tensor hooks). Other --key=value arguments override the seed's CPU line.
+Each step is the trainer's own train_step over one fixed micro-batch. Steps of all variants
+are interleaved (one step of each per round, rotating the order) and the median of the
+timed rounds is reported with its ratio to `plain` of the same model, next to what autograd
+keeps for backward in one forward (the activation memory, counted with saved-tensor hooks),
+then tokens/s, MFU and, on a GPU, the step's peak memory above what the engines hold. Other
+--key=value arguments override the seed's CPU line for every model.
 
     python launch/bench/bench_engine.py                       # dense and the seed's MoE, plain vs ZeRO-0/1/2
     python launch/bench/bench_engine.py --variants plain,zero2,zero2-kept,zero2-unfused --steps 60
     python launch/bench/bench_engine.py --variants plain,plain-ac,zero2,zero2-ac --block_size=256 --n_layer=8
+    python launch/bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \\
+        --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50304 \\
+        --expert_hidden=1536          # GPT-2 small and its FLOP-matched MoE (launch/gpu_check.sh)
 """
 from __future__ import annotations
 
@@ -32,48 +37,50 @@ sys.path.insert(0, REPO)
 import torch
 
 from bench import machine_name
-from bench_step import SEED_LINE, VARIANTS as MODELS, time_steps
+from bench_step import SEED_LINE, VARIANTS as MODELS, FixedBatches, one_step, time_steps
 from nanomoe_ds.config import ArgumentParser, from_argv
+from nanomoe_ds.metrics import device_peak_flops, mfu
 from nanomoe_ds.model import GPT
 from nanomoe_ds.trainer import LocalEngine
 
 DEFAULT_VARIANTS = "plain,zero0,zero1,zero2,zero1-kept,zero2-kept"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def one_rank_env():
+def one_rank_env(device: str):
     """The launcher's variables for a world of one, on loopback (left alone if a launcher set them)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                           GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu").items():
+                           GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR=device).items():
         os.environ.setdefault(key, value)
 
 
-def fp32_json(stage: str, fused: bool | None, tmp: str) -> str:
-    """The shipped JSON for `stage` with bf16 off; `fused` False forces DeepSpeed's unfused AdamW."""
+def ds_json(stage: str, dtype: str, fused: bool | None, tmp: str) -> str:
+    """The shipped JSON for `stage` in `dtype`; `fused` False forces DeepSpeed's unfused AdamW."""
     with open(os.path.join(REPO, "ds_configs", f"{stage}.json")) as f:
         cfg = json.load(f)
-    cfg["bf16"] = {"enabled": False}
+    cfg["bf16"] = {"enabled": dtype == "bf16"}
     if fused is not None:
         cfg["optimizer"]["params"]["fused"] = fused
-    path = os.path.join(tmp, f"{stage}-{fused}.json")
+    path = os.path.join(tmp, f"{stage}-{dtype}-{fused}.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
     return path
 
 
-def build(model: str, variant: str, overrides: list[str], tmp: str):
+def build(model: str, variant: str, args, overrides: list[str], tmp: str):
     """The engine of one variant for one model, seeded and wrapped like the trainer's."""
-    argv = SEED_LINE + MODELS[model] + ["--dtype=float32"] + overrides
+    argv = SEED_LINE + MODELS[model] + [f"--device={args.device}"] + overrides
     kind, *options = variant.split("-")
     if "ac" in options:
         argv.append("--activation_checkpointing=True")
     if kind == "plain":
         model_cfg, train_cfg = from_argv(argv)
-        return LocalEngine(seeded_model(model_cfg, train_cfg), train_cfg, train_cfg.device, torch.float32)
+        return LocalEngine(seeded_model(model_cfg, train_cfg), train_cfg, train_cfg.device, DTYPES[args.dtype])
     from nanomoe_ds.deepspeed_integration import make_engine_factory
-    argv += [f"--deepspeed_config={fp32_json(kind, False if 'unfused' in options else None, tmp)}", "--dtype=auto"]
+    argv += [f"--deepspeed_config={ds_json(kind, args.dtype, False if 'unfused' in options else None, tmp)}"]
     if "kept" in options:
         argv.append("--zero_single_rank_as_stage0=False")
     model_cfg, train_cfg = from_argv(argv)
@@ -90,24 +97,36 @@ def seeded_model(model_cfg, train_cfg) -> GPT:
     return model
 
 
-def saved_for_backward_mib(engine, batch, checkpointed: bool) -> float:
+def saved_for_backward_mib(engine, batches: FixedBatches, checkpointed: bool) -> float:
     """MiB that autograd keeps from one forward until its backward (then freed by running it).
 
     Checkpointed blocks keep their input outside autograd's saved tensors (the recompute's
     arguments): counted here as one [batch, block, n_embd] activation per block.
     """
     cfg = engine.module.config
-    total = cfg.n_layer * batch[0].numel() * cfg.n_embd * 4 if checkpointed else 0
+    width = engine.module.transformer.wte.weight.element_size()  # the residual stream: fp32, or bf16 under a bf16 engine
+    total = cfg.n_layer * batches.x.numel() * cfg.n_embd * width if checkpointed else 0
 
     def pack(tensor):
         nonlocal total
         total += tensor.numel() * tensor.element_size()
         return tensor
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _, loss = engine.forward(*batch)
+        _, loss = engine.forward(batches.x, batches.x)
     engine.backward(loss)
     engine.step(1e-3)
     return total / 2**20
+
+
+def step_peak_mib(engine, batches: FixedBatches) -> float | None:
+    """On a GPU: the peak of one training step above what was allocated before it (None elsewhere)."""
+    if not torch.cuda.is_available() or not str(engine.device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    one_step(engine, batches, lr=1e-3)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def stage_run(engine) -> str:
@@ -119,39 +138,60 @@ def main():
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="dense,moe-10x2", help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="plain, zeroN, zeroN-kept, zeroN-unfused (N: 0 1 2)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--steps", type=int, default=40, help="timed rounds, after --warmup rounds")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args, overrides = ap.parse_known_args()
     torch.set_num_threads(args.threads)
-    one_rank_env()
+    one_rank_env(args.device)
     variants = args.variants.split(",")
     if variants[0] != "plain":  # ratios are to it
         ap.error("--variants must start with plain (ratios are to it)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            engines = {v: build(model, v, overrides, tmp) for v in variants}
-            cfg = engines["plain"].module.config
-            batch_size = from_argv(SEED_LINE + overrides)[1].batch_size
-            x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), generator=torch.Generator().manual_seed(0))
-            saved = {v: saved_for_backward_mib(engine, (x, x), "-ac" in v) for v, engine in engines.items()}
-            step_ms = time_steps(engines, args.steps, args.warmup, x)
-            rows.append((model, engines, step_ms, saved))
+            engines = {v: build(model, v, args, overrides, tmp) for v in variants}
+            plain = engines["plain"]
+            cfg = plain.module.config
+            batches = FixedBatches(torch.randint(0, cfg.vocab_size, (plain.t.batch_size, cfg.block_size),
+                                                 generator=torch.Generator().manual_seed(0)).to(args.device))
+            saved = {v: saved_for_backward_mib(engine, batches, "-ac" in v) for v, engine in engines.items()}
+            peak = {v: step_peak_mib(engine, batches) for v, engine in engines.items()}
+            step_ms = time_steps(engines, args.steps, args.warmup, batches.x)
+            flops = plain.module.flops_per_token()
+            rows.append((model, {v: (step_ms[v], saved[v], peak[v], stage_run(engines[v])) for v in variants}, flops,
+                         batches.x.numel()))
+            del engines, plain
+    print_report(args, variants, rows)
+    sys.stdout.flush()
+    os._exit(0)  # no gloo/NCCL teardown at exit (PyTorch #190489): the tables are out
 
-    print(f"# {datetime.date.today()}  torch {torch.__version__}  {machine_name('cpu')}  threads "
-          f"{torch.get_num_threads()}  fp32, one rank, median of {args.steps} interleaved steps")
+
+def print_report(args, variants: list[str], rows: list):
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else machine_name("cpu")
+    threads = "" if args.device == "cuda" else f"  threads {torch.get_num_threads()}"
+    print(f"# {datetime.date.today()}  torch {torch.__version__}  {device_name}{threads}  {args.dtype}, one rank, "
+          f"median of {args.steps} interleaved steps")
     print(f"# {' '.join(['python launch/bench/bench_engine.py'] + sys.argv[1:])}")
     print("| model | " + " | ".join(variants) + " |")
     print("|---|" + "---:|" * len(variants))
-    for model, engines, step_ms, saved in rows:
-        ref = step_ms["plain"]
-        cells = [f"{step_ms[v]:.1f} ms ({step_ms[v] / ref:.2f}x, ZeRO {stage_run(engines[v])}, {saved[v]:.1f} MiB)"
-                 if v != "plain" else f"{ref:.1f} ms ({saved[v]:.1f} MiB)" for v in variants]
+    for model, results, _, _ in rows:
+        ref = results["plain"][0]
+        cells = [f"{ms:.1f} ms ({ms / ref:.2f}x, ZeRO {stage}, {saved:.1f} MiB)" if v != "plain"
+                 else f"{ms:.1f} ms ({saved:.1f} MiB)" for v, (ms, saved, _, stage) in results.items()]
         print(f"| {model} | " + " | ".join(cells) + " |")
-    print("cells: median step (x plain, the ZeRO stage that ran, MiB kept for backward by one forward)")
-    sys.stdout.flush()
-    os._exit(0)  # no gloo teardown at exit (PyTorch #190489): the table is out
+    print("cells: median step (x plain, the ZeRO stage that ran, MiB kept for backward by one forward)\n")
+    peak_flops = device_peak_flops(args.device, DTYPES[args.dtype], 0.0)
+    print("| model | variant | tokens/s | MFU | step peak above resident |")
+    print("|---|---|---:|---:|---:|")
+    for model, results, flops_per_token, tokens in rows:
+        for v, (ms, _, peak, _) in results.items():
+            tokens_per_s = tokens / (ms / 1e3)
+            util = mfu(flops_per_token, tokens_per_s, peak_flops)
+            print(f"| {model} | {v} | {tokens_per_s:.0f} | {'n/a' if util is None else f'{util * 100:.1f}%'} | "
+                  f"{'n/a' if peak is None else f'{peak:.0f} MiB'} |")
 
 
 if __name__ == "__main__":
