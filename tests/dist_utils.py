@@ -76,3 +76,40 @@ def wait_for_iter(out_dir, it: int, procs, timeout: float = 240):
         assert all(p.poll() is None for p in procs), "a rank ended before the fault was injected"
         time.sleep(0.1)
     raise AssertionError(f"iteration {it} not reached in {timeout}s")
+
+
+def spawn_ranks(body, args: tuple, nprocs: int, timeout: float = 240):
+    """Run `body(rank, *args)` on `nprocs` spawned gloo ranks over loopback; fail (and kill them all)
+    past `timeout`. A failing body fails the call through its rank's exit code; a mismatched
+    collective hangs instead, hence the deadline. `body` must be a module-level function."""
+    import torch.multiprocessing as mp
+    ranks = mp.start_processes(_gloo_rank, args=(nprocs, free_port(), body, args), nprocs=nprocs,
+                               start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ranks.join(timeout=1):
+            assert time.monotonic() < deadline, f"ranks did not finish in {timeout} s"
+    finally:
+        for p in ranks.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def _gloo_rank(rank: int, world: int, port: int, body, args: tuple):
+    """One spawned rank: join the gloo group, run the body, end without gloo's exit-time abort (PyTorch #190489)."""
+    import traceback
+
+    import torch.distributed as dist
+    code = 0
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        body(rank, *args)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(code)

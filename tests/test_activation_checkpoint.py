@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
+from dist_utils import spawn_ranks
 
 from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
 from nanomoe_ds.config import GPTConfig
@@ -106,42 +102,22 @@ def test_saves_less_for_backward():
     assert saved_bytes(recomputed) < 0.5 * saved_bytes(plain)
 
 
-def ep_worker(rank, port, out_path):
-    code = 0
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        torch.set_num_threads(1)
-        plain, recomputed = make_pair(n_layer=2)
-        for model in (plain, recomputed):
-            for layer in model.moe_layers():
-                parallelize_experts_(layer, dist.group.WORLD, WORLD)
-        idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(10 + rank))
-        losses = [step(plain, idx, seed=7 + rank), step(recomputed, idx, seed=7 + rank)]
-        assert losses[0] == losses[1], losses
-        assert_same_gradients(plain, recomputed)
-        for a, b in zip(plain.moe_layers(), recomputed.moe_layers()):
-            assert torch.equal(a.load, b.load)
-        torch.save(losses, f"{out_path}.{rank}")
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(code)
+def ep_worker(rank, out_path):
+    torch.set_num_threads(1)
+    plain, recomputed = make_pair(n_layer=2)
+    for model in (plain, recomputed):
+        for layer in model.moe_layers():
+            parallelize_experts_(layer, dist.group.WORLD, WORLD)
+    idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(10 + rank))
+    losses = [step(plain, idx, seed=7 + rank), step(recomputed, idx, seed=7 + rank)]
+    assert losses[0] == losses[1], losses
+    assert_same_gradients(plain, recomputed)
+    for a, b in zip(plain.moe_layers(), recomputed.moe_layers()):
+        assert torch.equal(a.load, b.load)
+    torch.save(losses, f"{out_path}.{rank}")
 
 
 def test_gradients_equal_without_it_at_ep2(tmp_path):
     out = str(tmp_path / "res")
-    ranks = mp.start_processes(ep_worker, args=(free_port(), out), nprocs=WORLD, start_method="spawn", join=False)
-    deadline = time.monotonic() + 240  # a replay whose exchanges don't pair up hangs: fail, leave no ranks behind
-    try:
-        while not ranks.join(timeout=1):
-            assert time.monotonic() < deadline, "EP ranks did not finish in 240 s"
-    finally:
-        for p in ranks.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(ep_worker, (out,), WORLD)  # a mismatched exchange hangs: the deadline fails it and kills the ranks
     assert all(os.path.exists(f"{out}.{r}") for r in range(WORLD))

@@ -5,17 +5,12 @@ and a rank with no tokens at all (it sends nothing). None may hang.
 """
 from __future__ import annotations
 
-import os
-import sys
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from dist_utils import free_port
+from dist_utils import spawn_ranks
 
 from nanomoe_ds.config import GPTConfig
 from nanomoe_ds.expert_parallel import parallelize_experts_
@@ -47,41 +42,21 @@ def skew(layer, case):
             layer.router.score_bias.copy_(torch.tensor([10.0, 9.0, 0.0, 0.0]))
 
 
-def worker(rank, port, case, out_path):
-    code = 0
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        layer = make_layer()
-        skew(layer, case)
-        parallelize_experts_(layer, dist.group.WORLD, WORLD)
-        x = tokens(case, rank).requires_grad_()
-        y = layer(x)
-        (y.square().sum() * (rank + 1)).backward()
-        torch.save({"y": y.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in layer.named_parameters()}},
-                   f"{out_path}.{rank}")
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(code)
+def worker(rank, case, out_path):
+    layer = make_layer()
+    skew(layer, case)
+    parallelize_experts_(layer, dist.group.WORLD, WORLD)
+    x = tokens(case, rank).requires_grad_()
+    y = layer(x)
+    (y.square().sum() * (rank + 1)).backward()
+    torch.save({"y": y.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in layer.named_parameters()}},
+               f"{out_path}.{rank}")
 
 
 @pytest.mark.parametrize("case", ["uniform", "all_to_expert0", "rank1_empty"])
 def test_ep2_matches_one_device(tmp_path, case):
     out = str(tmp_path / "res")
-    ranks = mp.start_processes(worker, args=(free_port(), case, out), nprocs=WORLD, start_method="spawn", join=False)
-    deadline = time.monotonic() + 240  # a mismatched all-to-all hangs: fail, and leave no ranks behind
-    try:
-        while not ranks.join(timeout=1):
-            assert time.monotonic() < deadline, "EP ranks did not finish in 240 s"
-    finally:
-        for p in ranks.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(worker, (case, out), WORLD)  # a mismatched exchange hangs: the deadline fails it and kills the ranks
     ref = make_layer()
     skew(ref, case)
     res = [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]

@@ -774,6 +774,37 @@ def test_compile_breaks_only_at_host_sized_experts_and_never_recompiles(impl):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compile_grouped_mm_is_one_graph(checkpointed):
+    """The GPU's kernel (grouped_mm) reads nothing on the host: the whole model, forward and backward, is
+    one graph (fullgraph=True refuses any break). In bf16, grouped_mm's compute dtype on a GPU: its
+    checks under tracing accept nothing else. With activation checkpointing, dynamo breaks at each
+    checkpointed block instead (the MoE layer records its aux loss and load as module state, a side
+    effect the checkpoint's higher-order op cannot capture) and runs the checkpoint eagerly around
+    the compiled block: that is the only break."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = make_cfg(moe_impl="grouped_mm", n_layer=2, block_size=S)
+    model = GPT(cfg).to(torch.bfloat16)
+    if checkpointed:
+        checkpoint_blocks_(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=not checkpointed)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(2):
+            x = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
+            _, loss = compiled(x, x)
+            loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    reasons = list(counters["graph_break"])
+    assert all("Mutating a variable from outside the scope of this HOP" in r for r in reasons) and \
+        bool(reasons) == checkpointed, reasons
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- 8. config validation
 
 BAD = {

@@ -238,3 +238,34 @@ def test_a_training_step_reads_the_host_once(char_data, tmp_path, monkeypatch, o
         assert len(reads_before_copy[-1]) == reads * 2  # per micro-batch: nothing else waited for the device
         assert losses.shape == (4,) and norm > 0 and stop == (it == 1)
     assert len(reads_before_copy) == 2  # one copy per step
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA is not available")
+def test_cuda_step_syncs_only_in_to_host(char_data, tmp_path, monkeypatch):
+    """On a GPU, CUDA's sync debug mode errors on any synchronising call in a grouped_mm step but the one copy."""
+    import torch
+
+    from nanomoe_ds import trainer
+    from nanomoe_ds.data import Batches
+    from nanomoe_ds.model import GPT
+    model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, moe_impl="grouped_mm", vocab_size=65,
+                                               device="cuda", n_embd=64))
+    torch.manual_seed(0)
+    engine = trainer.LocalEngine(GPT(model_cfg), train_cfg, "cuda", torch.bfloat16)
+    batches = Batches(str(char_data), model_cfg.block_size, train_cfg.batch_size, "cuda", train_cfg.seed)
+
+    def to_host(tensor):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return tensor.cpu()
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    monkeypatch.setattr(trainer, "to_host", to_host)
+    trainer.train_step(engine, batches, train_cfg, [0, 1], 0, 1e-3, False, None)  # warm-up: lazy state, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses, norm, _ = trainer.train_step(engine, batches, train_cfg, [0, 1], 1, 1e-3, False, None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert losses.shape == (4,) and norm > 0

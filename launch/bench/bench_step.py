@@ -39,8 +39,13 @@ VARIANTS = {
     "dense": [],
     "moe-10x2": ["--use_moe=True", "--num_experts=10", "--num_experts_per_tok=2"],
     "moe-8x2-h256": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=2", "--expert_hidden=256"],
+    # Switch-style top-1, experts as wide as the dense MLP: also the dense FLOPs, half the routed rows
+    "moe-8x1": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=1"],
+    "moe-8x1-every2": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=1", "--moe_every=2"],
+    "moe-8x2-h256-every2": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=2", "--expert_hidden=256",
+                            "--moe_every=2"],
 }
-for _name in list(VARIANTS)[1:]:  # the MoEs again with each CPU kernel forced (--variants moe-10x2-bmm, ...)
+for _name in list(VARIANTS)[1:3]:  # the MoEs again with each CPU kernel forced (--variants moe-10x2-bmm, ...)
     for _impl in ("loop", "bmm", "grouped_mm"):
         VARIANTS[f"{_name}-{_impl}"] = VARIANTS[_name] + [f"--moe_impl={_impl}"]
 for _name in list(VARIANTS)[:3]:  # and each model under torch.compile (--variants dense-compiled, ...)
