@@ -92,6 +92,9 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     if m.use_moe and stage == 3:
         raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
                           "(ds_configs/zero1.json, zero2.json)")
+    if m.use_moe and stage == 0 and json_dtype == "float16":
+        raise ConfigError("fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE gradient clip on "
+                          "ZeRO-0 would see loss-scaled gradients; use ZeRO-1 (ds_configs/fp16.json) or bf16")
     if m.use_moe and stage in (1, 2):
         # DeepSpeed asserts these for MoE parameter groups.
         ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
@@ -132,13 +135,14 @@ def drop_idle_zero(ds: dict, data_parallel_size: int) -> tuple[dict, str | None]
     paying their machinery every step: each gradient copied into a bucket, "reduced", copied
     into the partition, the norm taken parameter by parameter, the fp32 partition copied
     back into the weights (docs/benchmarks.md measures it). An offload block keeps the
-    stage: moving optimizer state off the GPU is a memory choice, not a partition.
+    stage: moving optimizer state off the GPU is a memory choice, not a partition. fp16
+    keeps it too: ZeRO-0 with MoE clips in the trainer, which would see loss-scaled gradients.
     """
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     offload = any(zero.get(key, {}).get("device", "none") not in ("none", None)
                   for key in ("offload_optimizer", "offload_param"))
-    if data_parallel_size != 1 or stage == 0 or offload:
+    if data_parallel_size != 1 or stage == 0 or offload or _json_dtype(ds) == "float16":
         return ds, None
     ds = copy.deepcopy(ds)
     ds["zero_optimization"] = {"stage": 0}

@@ -122,3 +122,14 @@ def test_activation_checkpointing_options_not_honoured_are_refused(block, msg):
     model_cfg, train_cfg = from_argv(["--n_layer=4"])
     with pytest.raises(ConfigError, match="^" + re.escape(msg)):
         activation_checkpointing({"activation_checkpointing": block}, model_cfg, train_cfg)
+
+
+def test_fp16_keeps_its_stage_on_one_rank_and_zero0_fp16_moe_is_refused():
+    fp16 = reconcile_fp16_json(Support(True, True))  # ZeRO-1: its loss scaling stays in ZeRO's optimizer
+    assert drop_idle_zero(fp16, 1) == (fp16, None)
+    with pytest.raises(ConfigError, match=r"^fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE "
+                                          r"gradient clip on ZeRO-0 would see loss-scaled gradients"):
+        cfg = json.load(open(REPO / "ds_configs/fp16.json"))
+        cfg["zero_optimization"] = {"stage": 0}
+        model_cfg, train_cfg = from_argv(["--batch_size=4", "--gradient_accumulation_steps=2", "--use_moe=True"])
+        reconcile(cfg, model_cfg, train_cfg, 2, "cpu", Support(True, True))
