@@ -310,8 +310,11 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
         while True:
             lr = get_lr(iter_num, t)
             if iter_num % t.eval_interval == 0:
+                # may_save: not before this process has trained. A resumed run would otherwise rewrite
+                # the checkpoint it just loaded (under DeepSpeed, the iter_N/ files ckpt.pt points at,
+                # in place), where a kill would leave the only checkpoint half-written.
                 best_val = evaluate_and_save(engine, batches, t, log, iter_num, best_val, tokens_per_iter, result,
-                                             train_s)
+                                             train_s, may_save=local_iter > 0)
             if t.eval_only or iter_num > t.max_iters:
                 break
             logging = iter_num % t.log_interval == 0
@@ -365,8 +368,9 @@ def report_profile(prof, engine: Engine, t: TrainConfig, log: metrics.MetricsLog
 
 
 def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.MetricsLog, iter_num: int,
-                      best_val: float, tokens_per_iter: int, result: dict, train_s: float) -> float:
-    """Eval both splits; checkpoint when val improved (or always_save_checkpoint). Returns the best val loss.
+                      best_val: float, tokens_per_iter: int, result: dict, train_s: float, may_save: bool) -> float:
+    """Eval both splits; checkpoint when val improved (or always_save_checkpoint) and `may_save`.
+    Returns the best val loss.
 
     `train_s`, the step time spent so far, goes into the record: val loss against training time.
     """
@@ -378,7 +382,7 @@ def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: met
         f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if losses["val"] < best_val or t.always_save_checkpoint:
         best_val = min(best_val, losses["val"])
-        if iter_num > 0:
+        if may_save:
             save(engine, t, iter_num, best_val, train_s)
             log.print(f"saving checkpoint to {t.out_dir}")
     return best_val

@@ -6,6 +6,7 @@ the same next steps (losses and gradient norms to 1e-5 relative, fp32).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,26 @@ def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_p
     for a, b in zip(resharded, continued):
         assert a["loss"] == pytest.approx(b["loss"], rel=rel)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rel * 5)
+
+
+@pytest.mark.parametrize("topology", ["local", "w2ep2-zero2"])
+def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, char_data, tmp_path, topology):
+    """Resumed at an eval-aligned iteration with always_save_checkpoint (nanoGPT's default), a run evaluates
+    but saves only after it has trained: a kill then cannot truncate the checkpoint it came from."""
+    import hashlib
+    at3, _ = saved(topology)
+    out = tmp_path / "run"
+    shutil.copytree(at3, out)
+
+    def digests():
+        return {p.relative_to(out): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file() and p.name != "metrics.jsonl"}
+    before = digests()
+    before_rows = len(open(out / "metrics.jsonl").readlines())
+    run_at(topology, char_data, out, tmp_path, max_iters=3, init_from="resume")  # eval at 3, train 3, stop
+    resumed = [json.loads(line) for line in open(out / "metrics.jsonl").readlines()[before_rows:]]
+    assert [(r["iter"], "val_loss" in r) for r in resumed] == [(3, True), (3, False)]
+    assert digests() == before  # ckpt.pt and DeepSpeed's iter_3/ files, byte for byte
 
 
 def test_checkpoint_records_topology(saved):
