@@ -126,7 +126,7 @@ EOF
 
 step "4e. DeepSpeed vs plain, dense vs FLOP-matched MoE, activation checkpointing (launch/bench/bench_engine.py)" 150 \
     python3 launch/bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \
-    --variants=plain,plain-ac,zero0,zero1-kept,zero2-kept --steps=15 --warmup=5 --n_layer=12 --n_head=12 \
+    --variants=plain,plain-ac,zero0,zero1-kept,zero2-kept --steps=15 --warmup=5 --threads=16 --n_layer=12 --n_head=12 \
     --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50304 --expert_hidden=1536 --dropout=0.0
 
 # The checkpoint path on a GPU: a DeepSpeed ZeRO-2 bf16 save, resumed on one device (resharded from ckpt.pt).

@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .model import GPT
-from .moe import recomputing
+from .moe import MoE, recomputing
 
 
 def _contexts():
@@ -37,12 +37,17 @@ def _contexts():
 def checkpoint_blocks_(model: GPT):
     """Recompute every block of `model` in backward instead of keeping its activations, in place."""
     for block in model.transformer.h:
-        block.forward = _checkpointed(block.forward)
+        block.forward = _checkpointed(block.forward, records=isinstance(block.mlp, MoE))
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, records: bool):
+    """`records`: the block records routing (an MoE block) and its replay must not record it again.
+    Only those blocks get a context_fn: torch.compile captures a block without such side effects
+    whole, and its captured checkpoint takes no context managers of this kind."""
+    options = dict(use_reentrant=False, preserve_rng_state=True, **({"context_fn": _contexts} if records else {}))
+
     def checkpointed_forward(x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # eval, sampling: nothing is kept for a backward anyway
             return forward(x)
-        return checkpoint(forward, x, use_reentrant=False, preserve_rng_state=True, context_fn=_contexts)
+        return checkpoint(forward, x, **options)
     return checkpointed_forward

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, ds_checkpoint, ds_groups, launch_env, precision
-from .ds_config import activation_checkpointing, drop_idle_zero, load_ds_config, reconcile
+from .ds_config import activation_checkpointing, drop_idle_zero, json_dtype, load_ds_config, reconcile
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
 from .expert_parallel import parallelize_experts_
@@ -135,6 +135,25 @@ class DeepSpeedEngine:
         return ckpt
 
 
+def undo_initial_step_(optimizer):
+    """Undo the AdamW step DeepSpeed's ZeRO-0 bf16/fp16 wrapper takes on zero gradients when it is built.
+
+    FP16_UnfusedOptimizer creates the optimizer state by stepping once (DeepSpeed 0.19.8,
+    initialize_optimizer_states): the step count then starts at 1, so Adam's bias correction
+    shrinks the first real update (to about 0.74x at beta2=0.95), and weight decay has already
+    shrunk the fp32 masters once. Fresh state, and masters copied back from the weights they
+    were made from, make its first step the plain loop's.
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    optimizer.optimizer.state.clear()
+    with torch.no_grad():
+        for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for weight, master in zip(low, high):
+                master.copy_(weight.float())
+
+
 def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
     """Clip by the true global norm when ZeRO-0 can't (upstream #8475).
 
@@ -194,9 +213,13 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
         ds_cfg, note = drop_idle_zero(ds_cfg, world)
         if note and dist.get_rank() == 0:
             print(note, flush=True)
-    clip_ourselves = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0 and m.use_moe
+    # ZeRO-0 computes the norm wrongly with experts (#8475), and in fp32 (a plain torch optimizer)
+    # it clips without reporting the norm: the trainer clips there itself. (Not under fp16: its
+    # gradients are loss-scaled; reconcile refuses fp16 with ZeRO-0 for MoE.)
+    zero0 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0
+    clip_ourselves = zero0 and (m.use_moe or json_dtype(ds_cfg) == "float32")
     if clip_ourselves:
-        ds_cfg["gradient_clipping"] = 0.0  # ZeRO-0 computes the norm wrongly with experts (#8475)
+        ds_cfg["gradient_clipping"] = 0.0
 
     def factory(model: GPT, _t: TrainConfig) -> DeepSpeedEngine:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -204,6 +227,7 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
             adopt_moe_(model, t.ep_size)
         groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(t.weight_decay))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
+        undo_initial_step_(engine.optimizer)
         if world == 1 and engine.zero_optimization_stage() == 0:
             # A sum over one rank: skip DeepSpeed's flatten-reduce-unflatten pass over every gradient.
             engine.enable_backward_allreduce = False

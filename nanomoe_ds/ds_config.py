@@ -83,16 +83,16 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
                                  ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
                                  ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
             _fill(sp, key, value, ours, where="scheduler.params.")
-    json_dtype = _json_dtype(ds)
-    precision.check(json_dtype, device_kind, support, source="the DeepSpeed JSON")
-    if t.dtype not in ("auto", json_dtype):
-        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON ({json_dtype}); "
+    dtype = json_dtype(ds)
+    precision.check(dtype, device_kind, support, source="the DeepSpeed JSON")
+    if t.dtype not in ("auto", dtype):
+        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON ({dtype}); "
                           "the JSON owns precision: leave dtype=auto")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if m.use_moe and stage == 3:
         raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
                           "(ds_configs/zero1.json, zero2.json)")
-    if m.use_moe and stage == 0 and json_dtype == "float16":
+    if m.use_moe and stage == 0 and dtype == "float16":
         raise ConfigError("fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE gradient clip on "
                           "ZeRO-0 would see loss-scaled gradients; use ZeRO-1 (ds_configs/fp16.json) or bf16")
     if m.use_moe and stage in (1, 2):
@@ -134,15 +134,16 @@ def drop_idle_zero(ds: dict, data_parallel_size: int) -> tuple[dict, str | None]
     same update as stage 0 (tests/test_deepspeed.py: both match one device to 1e-5) while
     paying their machinery every step: each gradient copied into a bucket, "reduced", copied
     into the partition, the norm taken parameter by parameter, the fp32 partition copied
-    back into the weights (docs/benchmarks.md measures it). An offload block keeps the
-    stage: moving optimizer state off the GPU is a memory choice, not a partition. fp16
-    keeps it too: ZeRO-0 with MoE clips in the trainer, which would see loss-scaled gradients.
+    back into the weights (docs/benchmarks.md measures it). Only in fp32: bf16 and fp16 at
+    ZeRO-0 take DeepSpeed's separate mixed-precision wrapper (other data_types rules, loss
+    scaling outside the trainer's clip), so they keep their stage. An offload block keeps it
+    too: moving optimizer state off the GPU is a memory choice, not a partition.
     """
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     offload = any(zero.get(key, {}).get("device", "none") not in ("none", None)
                   for key in ("offload_optimizer", "offload_param"))
-    if data_parallel_size != 1 or stage == 0 or offload or _json_dtype(ds) == "float16":
+    if data_parallel_size != 1 or stage == 0 or offload or json_dtype(ds) != "float32":
         return ds, None
     ds = copy.deepcopy(ds)
     ds["zero_optimization"] = {"stage": 0}
@@ -165,7 +166,8 @@ def _refuse_monitors(ds: dict):
                               f"and use {ours}")
 
 
-def _json_dtype(ds: dict) -> str:
+def json_dtype(ds: dict) -> str:
+    """The compute dtype the JSON asks for: "bfloat16", "float16" or "float32" (both enabled is refused)."""
     bf16, fp16 = ds.get("bf16", {}).get("enabled", False), ds.get("fp16", {}).get("enabled", False)
     if bf16 and fp16:  # DeepSpeed would stop on an assertion deep inside initialize
         raise ConfigError("the DeepSpeed JSON enables both bf16 and fp16; set one of bf16.enabled / fp16.enabled "

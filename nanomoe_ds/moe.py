@@ -394,12 +394,15 @@ class MoE(nn.Module):
             # without a graph: its backward would cost a step time and add nothing.
             grad = torch.is_grad_enabled()
             with torch.set_grad_enabled(grad and self.cfg.aux_loss_coef != 0):
-                self.aux_loss = E * torch.sum(f * probs.mean(0))
+                aux_loss = E * torch.sum(f * probs.mean(0))
             with torch.set_grad_enabled(grad and self.cfg.z_loss_coef != 0):
-                self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+                z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         if _Replay.active:
-            return  # the forward being replayed has recorded these (the aux terms above it recomputes)
+            # The forward being replayed has recorded all this. The aux terms are still computed
+            # above (the replay must save the tensors the forward saved), but not kept.
+            return
         if self.training:
+            self.aux_loss, self.z_loss = aux_loss, z_loss
             self.load += chosen
         self.last_routing = (perm.counts.detach(), perm.dropped, perm.num_assignments)
 

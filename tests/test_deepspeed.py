@@ -105,6 +105,30 @@ def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path, keep_s
     assert (note in res.stdout) != keep_stage, res.stdout[-2000:]
 
 
+def test_dense_one_rank_matches_plain_and_reports_its_gradient_norm(char_data, tmp_path):
+    """A dense model on one rank (zero2.json in fp32, run as ZeRO-0): the plain loop's steps, and the
+    gradient norm logged (ZeRO-0's fp32 clip in DeepSpeed keeps it to itself; the trainer clips there)."""
+    dense = dict(use_moe=False)
+    m, t = from_argv(tiny_args(char_data, tmp_path / "plain", **COMMON, **dense))
+    train(m, t)
+    plain_rows = train_rows(tmp_path / "plain")
+    rows, ck = run_ds(1, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), **dense)
+    assert ck["topology"]["zero_stage"] == 0
+    for a, b in zip(plain_rows, rows):
+        assert b["grad_norm"] is not None and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_zero0_bf16_takes_the_same_steps_as_zero1_bf16(char_data, tmp_path):
+    """DeepSpeed's ZeRO-0 bf16 wrapper steps AdamW once on zero gradients when it is built; undone, its
+    run follows ZeRO-1's (the step count no longer starts at 1, nor the masters one decay behind)."""
+    runs = [run_ds(1, tmp_path, char_data, name, ds_json(tmp_path, name, bf16=True)) for name in ("zero0", "zero1")]
+    (rows0, ck0), (rows1, ck1) = runs
+    assert ck0["topology"]["zero_stage"] == 0 and ck1["topology"]["zero_stage"] == 1  # bf16 keeps its stage
+    for a, b in zip(rows0, rows1):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
 def test_activation_checkpointing_json_block_ep2_matches_one_device(single, char_data, tmp_path):
     """DeepSpeed's "activation_checkpointing" block turns on block recompute: the exchanges repeat in backward."""
     path = ds_json(tmp_path, "zero2", activation_checkpointing={"partition_activations": False})

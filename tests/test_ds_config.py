@@ -92,11 +92,15 @@ def test_zero_on_one_rank_runs_as_stage0(stage):
     assert drop_idle_zero(ds, data_parallel_size=2) == (ds, None)  # two ranks: ZeRO partitions
 
 
-def test_zero_stage_kept_with_offload_or_at_stage0():
-    offload = json.load(open(REPO / "ds_configs/zero2_offload.json"))
+def test_zero_stage_kept_with_offload_in_bf16_or_at_stage0():
+    offload = {**json.load(open(REPO / "ds_configs/zero2_offload.json")), "bf16": {"enabled": False}}
     assert drop_idle_zero(offload, 1) == (offload, None)  # offloading is a memory choice, not a partition
     zero0 = json.load(open(REPO / "ds_configs/zero0.json"))
     assert drop_idle_zero(zero0, 1) == (zero0, None)
+    # bf16 (as shipped) keeps ZeRO-1/2: DeepSpeed's ZeRO-0 bf16 wrapper has rules of its own
+    # (e.g. it refuses "data_types": {"grad_accum_dtype": "fp32"}, which ZeRO-1/2 accept)
+    bf16 = json.load(open(REPO / "ds_configs/zero2.json"))
+    assert bf16["bf16"]["enabled"] and drop_idle_zero(bf16, 1) == (bf16, None)
 
 
 def test_activation_checkpointing_from_the_flag_or_the_json_block():
