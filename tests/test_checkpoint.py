@@ -196,10 +196,11 @@ def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topolog
     """SIGTERM to one rank mid-run: every rank finishes the step and saves; the resumed run
     takes the uninterrupted run's steps (bit for bit on one device, 1e-6 under DeepSpeed)."""
     import signal
-    run_at(topology, char_data, tmp_path / "full", tmp_path, max_iters=14, eval_interval=100)
+    last = 40  # room for the signal to land mid-run: a one-device step takes ~20 ms, the poll 100 ms
+    run_at(topology, char_data, tmp_path / "full", tmp_path, max_iters=last, eval_interval=100)
     full = {r["iter"]: r["loss"] for r in train_rows(tmp_path / "full")}
     ranks, ep_size, json_name = TOPOLOGIES[topology]
-    args = tiny_args(char_data, tmp_path / "part", **{**OVER, "max_iters": 14, "eval_interval": 100})
+    args = tiny_args(char_data, tmp_path / "part", **{**OVER, "max_iters": last, "eval_interval": 100})
     if json_name:
         args = ["--deepspeed_config", ds_json(tmp_path, json_name), *args, f"--ep_size={ep_size}"]
     procs = start_ranks(ranks, args)
@@ -213,12 +214,12 @@ def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topolog
     assert [p.returncode for p in procs] == [0] * ranks, outs[0][1][-2000:]
     stop_line = next(line for line in outs[0][0].splitlines() if line.startswith("stopped by"))
     stopped_at = int(stop_line.split("before iteration ")[1].split(";")[0])
-    assert 4 < stopped_at < 14
+    assert 4 < stopped_at < last
     resume = [*args, "--init_from=resume"]
     for r in run_ranks(ranks, resume):
         assert r.returncode == 0, r.stderr[-2000:]
-    resumed = {r["iter"]: r["loss"] for r in train_rows(tmp_path / "part")[-(15 - stopped_at):]}
-    assert sorted(resumed) == list(range(stopped_at, 15))
+    resumed = {r["iter"]: r["loss"] for r in train_rows(tmp_path / "part")[-(last + 1 - stopped_at):]}
+    assert sorted(resumed) == list(range(stopped_at, last + 1))
     for it, loss in resumed.items():
         if json_name:
             assert loss == pytest.approx(full[it], rel=1e-6)
