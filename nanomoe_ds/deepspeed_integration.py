@@ -104,7 +104,7 @@ class DeepSpeedEngine:
             g["lr"] = lr
         norm = None
         if self.clip_ourselves:
-            norm = clip_grad_norm_moe_(self.module, self.t.grad_clip)
+            norm = clip_grad_norm_global_(self.module, self.t.grad_clip)
         self.engine.step()
         if not self.engine.was_step_applied():
             return None  # fp16 overflow: the loss scaler skipped this step (not divergence)
@@ -154,8 +154,9 @@ def undo_initial_step_(optimizer):
                 master.copy_(weight.float())
 
 
-def clip_grad_norm_moe_(model: GPT, max_norm: float) -> torch.Tensor:
-    """Clip by the true global norm when ZeRO-0 can't (upstream #8475).
+def clip_grad_norm_global_(model: GPT, max_norm: float) -> torch.Tensor:
+    """Clip by the true global norm where ZeRO-0 can't (upstream #8475: experts) or won't tell it
+    (fp32: DeepSpeed clips without reporting the norm). Dense models are the case without experts.
 
     After the boundary backward, dense grads are identical on every rank, expert
     grads identical within the expert-data-parallel group. Each expert counts once

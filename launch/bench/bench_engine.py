@@ -38,6 +38,7 @@ import torch
 
 from bench import machine_name
 from bench_step import SEED_LINE, VARIANTS as MODELS, FixedBatches, one_step, time_steps
+from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
 from nanomoe_ds.config import ArgumentParser, from_argv
 from nanomoe_ds.metrics import device_peak_flops, mfu
 from nanomoe_ds.model import GPT
@@ -91,8 +92,7 @@ def build(model: str, variant: str, args, overrides: list[str], tmp: str):
 def seeded_model(model_cfg, train_cfg) -> GPT:
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg)
-    if getattr(train_cfg, "activation_checkpointing", False):  # as trainer.train does (getattr: older commits)
-        from nanomoe_ds.activation_checkpoint import checkpoint_blocks_  # here: the script also times older commits
+    if train_cfg.activation_checkpointing:  # as trainer.train does
         checkpoint_blocks_(model)
     return model
 
