@@ -5,6 +5,7 @@ traceback would bury the fix (a missing file, no network, a bad option).
 """
 import argparse
 import hashlib
+import json
 import os
 import sys
 import urllib.request
@@ -114,3 +115,31 @@ def gpt2_encoding():
     except Exception as e:
         die(f"could not load tiktoken's gpt2 encoding ({first_line(e)}); it downloads its BPE file once, "
             "so run online or pre-fill TIKTOKEN_CACHE_DIR")
+
+
+# What each split holds, recorded next to train.bin/val.bin so that training checks the data
+# from a few bytes instead of reading every token at start-up (nanomoe_ds/data.py reads it).
+TOKEN_STATS = "tokens.json"
+
+
+def split_stats(ids):
+    """{"tokens", "max_token", "dtype"} of one split's uint16 ids (max_token -1: no tokens)."""
+    return {"tokens": int(len(ids)), "max_token": int(ids.max()) if len(ids) else -1, "dtype": "uint16"}
+
+
+def forget_token_stats(out_dir):
+    """Remove a previous run's tokens.json before new .bin files are written: if this run dies
+    half-way, no record is left that describes files that are no longer there."""
+    try:
+        os.remove(os.path.join(out_dir, TOKEN_STATS))
+    except FileNotFoundError:
+        pass
+
+
+def write_token_stats(out_dir, stats):
+    """Write {split: split_stats} to out_dir/tokens.json, after the .bin files, atomically."""
+    path = os.path.join(out_dir, TOKEN_STATS)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(tmp, path)

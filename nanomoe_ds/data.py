@@ -7,6 +7,7 @@ A 2-rank run and a 1-device run therefore see the same data step by step.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import launch_env
 from .config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,12 @@ def resolve_data_dir(dataset: str, data_dir: str = "") -> Path:
 
 
 def check_data(data_dir: Path, block_size: int):
-    """Fail early, in one line, when the prepared data is missing or too short."""
+    """Fail early, in one line, when the prepared data is missing, too short, or not what prepare.py wrote.
+
+    Sizes only (os.stat): the token count tokens.json recorded catches a .bin truncated
+    or replaced since, without reading it.
+    """
+    stats = read_token_stats(data_dir)
     for split in SPLITS:
         f = data_dir / f"{split}.bin"
         if not f.exists():
@@ -37,6 +44,69 @@ def check_data(data_dir: Path, block_size: int):
         n = size // 2
         if n <= block_size + 1:
             raise ConfigError(f"{f} holds {n} tokens, fewer than block_size+2 ({block_size + 2})")
+        if stats is not None and n != stats[split]["tokens"]:
+            raise ConfigError(f"{f} holds {n:,} tokens, but {TOKEN_STATS} records {stats[split]['tokens']:,}: "
+                              f"it was truncated or replaced since; re-run data/{data_dir.name}/prepare.py")
+
+
+# Each split's token count and largest id, as data/*/prepare.py records them next to the .bin
+# files (prepare_common.write_token_stats): start-up checks these instead of reading every token.
+TOKEN_STATS = "tokens.json"
+STAT_KEYS = ("tokens", "max_token")
+
+
+def read_token_stats(data_dir: Path) -> dict | None:
+    """{split: {"tokens", "max_token", "dtype"}} from data_dir/tokens.json; None if there is none."""
+    path = data_dir / TOKEN_STATS
+    try:
+        stats = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {e}); delete it (the next start rebuilds it "
+                          f"from the .bin files) or re-run data/{data_dir.name}/prepare.py") from None
+    for split in SPLITS:
+        entry = stats.get(split) if isinstance(stats, dict) else None
+        if not isinstance(entry, dict) or any(type(entry.get(k)) is not int for k in STAT_KEYS):
+            raise ConfigError(f"{path} has no integer tokens and max_token for {split}; delete it (the next start "
+                              f"rebuilds it from the .bin files) or re-run data/{data_dir.name}/prepare.py")
+        if entry.get("dtype", "uint16") != "uint16":
+            raise ConfigError(f"{path} records {split} as {entry['dtype']}, but training reads uint16 token ids; "
+                              f"re-run data/{data_dir.name}/prepare.py")
+    return stats
+
+
+def scan_token_stats(data_dir: Path) -> dict:
+    """The token stats read from the .bin files themselves: one pass over all the data."""
+    stats = {}
+    for split in SPLITS:
+        ids = np.memmap(data_dir / f"{split}.bin", dtype=np.uint16, mode="r")
+        stats[split] = {"tokens": len(ids), "max_token": int(ids.max()) if len(ids) else -1, "dtype": "uint16"}
+    return stats
+
+
+def write_token_stats(data_dir: Path, stats: dict):
+    """Write tokens.json atomically (a temporary name, then a rename), as prepare.py does."""
+    path = data_dir / TOKEN_STATS
+    tmp = path.with_name(f"{TOKEN_STATS}.{os.getpid()}.tmp")  # per process: two jobs may start on one data_dir
+    try:
+        tmp.write_text(json.dumps(stats, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def record_token_stats(data_dir: Path) -> dict:
+    """For a data_dir prepared before tokens.json existed: scan once, and write it so later starts don't."""
+    stats = scan_token_stats(data_dir)
+    try:
+        write_token_stats(data_dir, stats)
+        said = "wrote it, so later starts read it instead"
+    except OSError as e:  # a read-only data_dir: the scan still checked this run
+        said = f"could not write it ({e.strerror or e}), so every start scans until it can"
+    print(f"no {data_dir / TOKEN_STATS} (data from an older prepare.py): scanned train.bin and val.bin, and {said}",
+          flush=True)
+    return stats
 
 
 def load_meta(data_dir: Path) -> dict | None:
@@ -73,10 +143,23 @@ def choose_vocab(meta: dict | None, configured: int, default: int) -> tuple[int,
 
 
 def check_tokens_fit(data_dir: Path, vocab_size: int):
-    """Refuse data whose largest token id has no row in the embedding (it would fail mid-forward)."""
+    """Refuse data whose largest token id has no row in the embedding (it would fail mid-forward).
+
+    The largest id comes from tokens.json. Without one (data prepared by an older prepare.py),
+    rank 0 scans the files once and writes it. The other ranks skip the check rather than
+    scan or wait: N ranks reading the same ~17 GB is the cost tokens.json removes, and a wait
+    would hang where rank 0 cannot write the file (a read-only data_dir) or writes it on
+    another node's disk. Rank 0's refusal still ends the job, and once its tokens.json is in
+    place (a shared or rewritten data_dir) every rank checks at every start.
+    """
+    stats = read_token_stats(data_dir)
+    if stats is None:
+        if launch_env.process_rank(os.environ) != 0:
+            return
+        stats = record_token_stats(data_dir)
     for split in SPLITS:
         f = data_dir / f"{split}.bin"
-        top = int(np.memmap(f, dtype=np.uint16, mode="r").max())  # one pass over the file, once per run
+        top = stats[split]["max_token"]
         if top >= vocab_size:
             raise ConfigError(f"{f} holds token id {top}, but vocab_size is {vocab_size}; the data and its "
                               f"meta.pkl (or --vocab_size) disagree: re-run data/{data_dir.name}/prepare.py")

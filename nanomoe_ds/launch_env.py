@@ -74,7 +74,33 @@ def process_rank(environ: Mapping[str, str]) -> int:
     return 0
 
 
+def world_size(environ: Mapping[str, str]) -> int:
+    """The number of ranks in the job as its launcher states it (1 for a plain single-process run)."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 1
+
+
+def error_line(error: Exception, environ: Mapping[str, str]) -> str:
+    """`error: <message>`, with `rank R: ` after `error: ` when the job has more than one rank."""
+    if world_size(environ) > 1:
+        return f"error: rank {process_rank(environ)}: {error}"
+    return f"error: {error}"
+
+
 def report_error(error: Exception):
-    """A configuration error, printed once for the job: every rank has the same config, so rank 0 speaks."""
-    if process_rank(os.environ) == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+    """Print an error on this rank's stderr, in one line, whichever rank it is.
+
+    Every rank that has an error prints it. Rank 0 alone would hide a failure that only
+    another rank has (a data file missing on its node): the job would then end, minutes
+    later, on rank 0's dist_timeout line. In a multi-rank job each line names its rank,
+    rank 0's too, as the dist_timeout line does. A config error that every rank hits is
+    then printed once per rank, one `error: rank R: ...` line each: the cost of never
+    hiding one; telling them apart from node-local ones would need the ranks to talk,
+    which an error before or during set-up cannot rely on.
+    """
+    # One write of the whole line: ranks that share a stderr pipe (the deepspeed
+    # launcher's) then never interleave within a line.
+    sys.stderr.write(error_line(error, os.environ) + "\n")
+    sys.stderr.flush()

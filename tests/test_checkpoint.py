@@ -187,7 +187,8 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path
     res = run_ranks(ranks, args)
     assert [r.returncode for r in res] == [3] * ranks, res[0].stderr[-2000:]
     line = res[0].stderr.strip().splitlines()[-1]
-    assert line.startswith("error: non-finite loss (nan) at iteration 4: training stopped and nothing of it was saved")
+    prefix = "error: rank 0: " if ranks > 1 else "error: "  # a multi-rank job's lines name their rank
+    assert line.startswith(prefix + "non-finite loss (nan) at iteration 4: training stopped and nothing of it was saved")
     assert digest(tmp_path / "run") == before  # ckpt.pt, latest and every iter_N file untouched
 
 

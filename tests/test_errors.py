@@ -7,6 +7,7 @@ and test_docs_list_exactly_these_rows fails when the two differ. Placeholders in
 """
 from __future__ import annotations
 
+import json
 import pickle
 import shlex
 import shutil
@@ -40,6 +41,8 @@ class Row:
 
 TINY_DS = "<tiny> --deepspeed_config=<tmp>/ds.json"
 META_10 = pickle.dumps({"vocab_size": 10})
+TOKENS_MAX_70 = json.dumps({split: {"tokens": n, "max_token": 70, "dtype": "uint16"}
+                            for split, n in (("train", 1_003_854), ("val", 111_540))})  # shakespeare_char's counts
 WIDE = "".join(chr(c) for c in range(0x20, 0x20 + 65537 + 2048) if not 0xD800 <= c < 0xE000)[:65537]  # no surrogates
 
 ROWS = [
@@ -129,6 +132,12 @@ ROWS = [
     Row("train", "<tiny> --data_dir=<tmp>/data",
         "<tmp>/data/train.bin has an odd number of bytes (2,001), so it is not uint16 token ids",
         "a truncated or foreign token file", files=(("data/train.bin", bytes(2001)),), copy_data=True),
+    Row("train", "<tiny> --data_dir=<tmp>/data", "<tmp>/data/train.bin holds 1,000 tokens, but tokens.json records "
+        "1,003,854: it was truncated or replaced since; re-run data/data/prepare.py",
+        "a token file truncated or replaced since prepare.py recorded it in tokens.json",
+        files=(("data/train.bin", bytes(2000)),), copy_data=True),
+    Row("train", "<tiny> --data_dir=<tmp>/data", "cannot read <tmp>/data/tokens.json (JSONDecodeError: ",
+        "a tokens.json that is not JSON", files=(("data/tokens.json", "{not json"),), copy_data=True),
     Row("train", "<tiny> --data_dir=<tmp>/data", "cannot read <tmp>/data/meta.pkl (UnpicklingError",
         "a meta.pkl that is not a pickle", files=(("data/meta.pkl", b"not a pickle"),), copy_data=True),
     Row("train", "<tiny> --data_dir=<tmp>/data", "<tmp>/data/meta.pkl has no positive integer vocab_size (got None)",
@@ -138,6 +147,9 @@ ROWS = [
         copy_data=True),
     Row("train", "<tiny> --vocab_size=10", "<data>/train.bin holds token id 64, but vocab_size is 10",
         "a --vocab_size smaller than the data's largest token"),
+    Row("train", "<tiny> --data_dir=<tmp>/data", "<tmp>/data/train.bin holds token id 70, but vocab_size is 65",
+        "a tokens.json whose largest id has no row in the embedding (it is trusted: the .bin files are not read)",
+        files=(("data/tokens.json", TOKENS_MAX_70),), copy_data=True),
     Row("train", "<tiny> --init_from=resume", "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir",
         "resuming where nothing was saved"),
     # ------------------------------------------------ init_from: what to start from (checked before loading)
@@ -316,7 +328,8 @@ def cell(text: str) -> str:
 def render() -> str:
     lines = ["# Errors: every refusal, and what triggers it", "",
              "Bad input stops a run before any compute with one line on stderr, `error: ...`, and exit status 2",
-             "(in a multi-rank run, rank 0 prints it once). Each row below is run as written by",
+             "(in a multi-rank run, every rank that has the error prints it, as `error: rank R: ...`).",
+             "Each row below is run as written by",
              "`tests/test_errors.py`, which checks that line, the exit status and that no training started;",
              "this page is generated from that test's table (`python tests/test_errors.py`), so the two cannot drift.",
              "", "Placeholders: `<tiny>` is the tests' seconds-long tiny MoE run, `<data>` prepared shakespeare_char,",
@@ -330,7 +343,10 @@ def render() -> str:
                      f"| `error: {cell(row.message)}` |")
     lines += ["", "Not refused: a dataset without `meta.pkl` trains with GPT-2's vocab (50304), which is right for",
               "GPT-2-token data such as openwebtext, and says so in one line on stdout "
-              "(`test_missing_meta_says_which_vocab_it_assumed`).", "",
+              "(`test_missing_meta_says_which_vocab_it_assumed`).",
+              "Nor is a `data_dir` without `tokens.json` (data from an older prepare.py): rank 0 scans train.bin and",
+              "val.bin once, writes `tokens.json` so that later starts check it instead, and says so in one line on",
+              "stdout (tests/test_data.py).", "",
               "Refusals not in the table, because a machine-independent run cannot trigger them:",
               "- a precision the device lacks (`--dtype` or the JSON asks for float16 on a CPU without native fp16,",
               "  bfloat16 on an old GPU): depends on the hardware; tested in-process with every answer the device",

@@ -1,7 +1,7 @@
 """Launcher variables -> torch.distributed's, in-process (the process tests are in test_launch.py)."""
 import pytest
 
-from nanomoe_ds.launch_env import DEFAULT_MASTER_PORT, distributed_env, first_host, process_rank
+from nanomoe_ds.launch_env import DEFAULT_MASTER_PORT, distributed_env, error_line, first_host, process_rank, world_size
 
 
 @pytest.mark.parametrize("nodelist, host", [
@@ -51,3 +51,33 @@ def test_mpirun_with_master_addr_skips_mpi_discovery():
     assert distributed_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
                                     "MASTER_PORT": DEFAULT_MASTER_PORT}
     assert distributed_env({**env, "MASTER_PORT": "1234"}) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize("env, size", [
+    ({}, 1),  # a plain single-process run
+    ({"RANK": "0", "WORLD_SIZE": "4"}, 4),  # deepspeed, torchrun
+    ({"WORLD_SIZE": "2", "SLURM_NTASKS": "8"}, 2),  # deepspeed inside an allocation: the launcher's own count
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "3"}, 3),  # mpirun, before MPI discovery
+    ({"PMI_RANK": "1", "PMI_SIZE": "5"}, 5),  # MPICH, Intel MPI
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "6"}, 6),  # srun
+])
+def test_world_size_as_the_launcher_states_it(env, size):
+    assert world_size(env) == size
+
+
+def test_error_line_names_the_rank_only_in_a_multi_rank_job():
+    error = ValueError("missing data/x/train.bin; run data/x/prepare.py first")
+    assert error_line(error, {}) == "error: missing data/x/train.bin; run data/x/prepare.py first"
+    assert error_line(error, {"RANK": "0", "WORLD_SIZE": "1"}) == f"error: {error}"  # one rank: a single process
+    assert error_line(error, {"RANK": "1", "WORLD_SIZE": "2"}) == f"error: rank 1: {error}"
+    assert error_line(error, {"RANK": "0", "WORLD_SIZE": "2"}) == f"error: rank 0: {error}"  # rank 0 names itself too
+    assert error_line(error, {"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == f"error: rank 3: {error}"
+
+
+def test_report_error_prints_on_every_rank(monkeypatch, capsys):
+    """Not only on rank 0: a failure only rank 1 has (its node's data) must not hide behind rank 0."""
+    from nanomoe_ds.launch_env import report_error
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    report_error(ValueError("boom"))
+    assert capsys.readouterr().err == "error: rank 1: boom\n"

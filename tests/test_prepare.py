@@ -75,6 +75,17 @@ def read_bin(path):
     return np.fromfile(path, dtype=np.uint16)
 
 
+def assert_token_stats(out_dir):
+    """tokens.json describes train.bin and val.bin exactly, and no temporary file is left beside it."""
+    import json
+    stats = json.loads((Path(out_dir) / "tokens.json").read_text())
+    for split in ("train", "val"):
+        ids = read_bin(Path(out_dir) / f"{split}.bin")
+        assert stats[split] == {"tokens": len(ids), "max_token": int(ids.max()), "dtype": "uint16"}
+    assert not list(Path(out_dir).glob("*.tmp"))
+    return stats
+
+
 def test_shakespeare_char_exact_counts(tmp_path, shakespeare):
     r = run_script("shakespeare_char", "--input", str(shakespeare), "--out_dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -91,6 +102,20 @@ def test_shakespeare_char_exact_counts(tmp_path, shakespeare):
     text = shakespeare.read_text(encoding="utf-8")
     assert "".join(meta["itos"][int(i)] for i in train[:1000]) == text[:1000]
     assert "".join(meta["itos"][int(i)] for i in val[-1000:]) == text[-1000:]
+    stats = assert_token_stats(tmp_path)
+    assert stats["train"]["tokens"] == 1_003_854 and stats["train"]["max_token"] == 64  # 'z', the last of 65
+
+
+def test_a_new_prepare_removes_the_old_token_stats_first(tmp_path):
+    """A re-run that dies while writing the .bin files leaves no tokens.json describing the old ones."""
+    mod = load_module("shakespeare")
+    mod.prepare(SMALL_TEXT, str(tmp_path), encode=lambda text: [1, 2, 3])
+    assert (tmp_path / "tokens.json").exists()
+    (tmp_path / "train.bin").unlink()
+    (tmp_path / "train.bin").mkdir()  # writing train.bin now fails, as a full disk would
+    with pytest.raises(OSError):
+        mod.prepare(SMALL_TEXT, str(tmp_path), encode=lambda text: [4, 5])
+    assert not (tmp_path / "tokens.json").exists()
 
 
 def test_shakespeare_bpe_injected_tokenizer(tmp_path, tiny_enc):
@@ -104,6 +129,7 @@ def test_shakespeare_bpe_injected_tokenizer(tmp_path, tiny_enc):
     assert len(val) == len(tiny_enc.encode_ordinary(val_text))
     assert len(train) < len(train_text.encode("utf-8"))  # the merges were used
     assert tiny_enc.decode(train.tolist()) + tiny_enc.decode(val.tolist()) == SMALL_TEXT
+    assert_token_stats(tmp_path)
 
 
 def test_shakespeare_bpe_cli_wiring(tmp_path, tiny_enc, monkeypatch):
@@ -150,6 +176,7 @@ def test_openwebtext_local_input(tmp_path, tiny_enc, monkeypatch, split_on):
         assert len(ids) == sum(len(tiny_enc.encode_ordinary(d)) + 1 for d in docs[split])
     assert len(docs["val"]) == math.ceil(0.25 * len(expected_docs))
     assert sorted(docs["train"] + docs["val"]) == sorted(expected_docs)
+    assert assert_token_stats(out)["train"]["max_token"] == EOT  # every document ends with <|endoftext|>
 
 
 def test_openwebtext_prepare_function(tmp_path, tiny_enc):
@@ -163,6 +190,8 @@ def test_openwebtext_prepare_function(tmp_path, tiny_enc):
     assert counts["train"] == len(read_bin(tmp_path / "train.bin"))
     assert len(split_docs(read_bin(tmp_path / "val.bin"))) == 1
     assert counts["train"] + counts["val"] == sum(len(tiny_enc.encode_ordinary(t)) + 1 for t in texts)
+    stats = assert_token_stats(tmp_path)
+    assert {split: stats[split]["tokens"] for split in counts} == counts
 
 
 def assert_one_line_error(r):

@@ -3,6 +3,8 @@
 Adapted from nanoGPT's data/openwebtext/prepare.py (Andrej Karpathy, MIT).
 Each document is encoded with encode_ordinary and followed by <|endoftext|>,
 then all of them are concatenated into train.bin / val.bin (np.uint16 memmaps).
+tokens.json records each split's token count and largest id: training checks
+those instead of reading the ~17GB of train.bin at every start.
 
     python data/openwebtext/prepare.py                        # HF hub, ~54GB cache
     python data/openwebtext/prepare.py --input FILE.txt       # offline, local text
@@ -17,7 +19,8 @@ import numpy as np
 
 # data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_common import ArgumentParser, check_out_dir, die, first_line, gpt2_encoding, read_text  # noqa: E402
+from prepare_common import (ArgumentParser, check_out_dir, die, first_line, forget_token_stats,  # noqa: E402
+                            gpt2_encoding, read_text, write_token_stats)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +56,7 @@ def gpt2_tokenizer():
 
 
 def prepare(dataset, out_dir, encode, eot, num_proc=1, test_size=0.0005, seed=2357):
-    """Split off a val set, tokenize, and write train.bin / val.bin.
+    """Split off a val set, tokenize, and write train.bin / val.bin, then tokens.json.
 
     dataset: datasets.Dataset with a 'text' column (or a DatasetDict with 'train').
     encode:  str -> list[int]; must ignore special tokens (e.g. encode_ordinary).
@@ -82,7 +85,8 @@ def prepare(dataset, out_dir, encode, eot, num_proc=1, test_size=0.0005, seed=23
         process, remove_columns=["text"], desc="tokenizing the splits", num_proc=num_proc)
 
     os.makedirs(out_dir, exist_ok=True)
-    counts = {}
+    forget_token_stats(out_dir)
+    counts, stats = {}, {}
     for split, dset in tokenized.items():
         arr_len = int(np.sum(dset["len"], dtype=np.uint64))
         filename = os.path.join(out_dir, f"{split}.bin")
@@ -90,19 +94,23 @@ def prepare(dataset, out_dir, encode, eot, num_proc=1, test_size=0.0005, seed=23
         arr = np.memmap(filename, dtype=np.uint16, mode="w+", shape=(arr_len,))
         # write in contiguous shards so the whole split never sits in RAM at once
         total_batches = min(1024, len(dset))
-        idx = 0
+        idx, top = 0, -1
         for batch_idx in tqdm(range(total_batches), desc=f"writing {filename}", disable=not interactive):
             batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True)
             batch = batch.with_format("numpy")
             arr_batch = np.concatenate(list(batch["ids"]))
-            if arr_batch.size and arr_batch.max() >= 2**16:
-                die(f"token id {arr_batch.max()} does not fit in uint16")
+            if arr_batch.size:
+                top = max(top, int(arr_batch.max()))  # tokens.json's max_token: training checks it against the vocab
+                if top >= 2**16:
+                    die(f"token id {top} does not fit in uint16")
             arr[idx: idx + len(arr_batch)] = arr_batch
             idx += len(arr_batch)
         arr.flush()
         del arr
         counts[split] = arr_len
+        stats[split] = {"tokens": arr_len, "max_token": top, "dtype": "uint16"}
         print(f"{split} has {arr_len:,} tokens")
+    write_token_stats(out_dir, stats)
     return counts
 
 
@@ -115,7 +123,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="openwebtext",
                    help="HF hub dataset name when --input is not given")
     p.add_argument("--out_dir", default=HERE,
-                   help="where train.bin and val.bin go (default: this script's folder)")
+                   help="where train.bin, val.bin and tokens.json go (default: this script's folder)")
     # ~ number of cpu cores // 2; the hub download is network-bound, not CPU-bound
     p.add_argument("--num_proc", type=int, default=8, help="workers for tokenization")
     p.add_argument("--num_proc_load_dataset", type=int, default=None,

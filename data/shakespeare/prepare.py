@@ -3,6 +3,7 @@
 Adapted from nanoGPT's data/shakespeare/prepare.py (Andrej Karpathy, MIT).
 Writes train.bin and val.bin as np.uint16 token ids; the GPT-2 vocab (50257)
 fits in uint16, and no meta.pkl is written, so train/sample fall back to GPT-2.
+tokens.json records each split's token count and largest id for training's checks.
 
     python data/shakespeare/prepare.py                 # download input.txt
     python data/shakespeare/prepare.py --input FILE    # use a local copy
@@ -17,7 +18,9 @@ import numpy as np
 
 # data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_common import die, download, gpt2_encoding, parse_input_args, tinyshakespeare_path, read_text  # noqa: E402,F401 (download: tests call it)
+# download is unused here but tests call it through this module
+from prepare_common import (die, download, forget_token_stats, gpt2_encoding, parse_input_args,  # noqa: E402,F401
+                            read_text, split_stats, tinyshakespeare_path, write_token_stats)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +31,7 @@ def gpt2_encode():
 
 
 def prepare(text, out_dir, encode=None):
-    """Split 90/10 by characters, encode each part, write train.bin/val.bin.
+    """Split 90/10 by characters, encode each part, write train.bin/val.bin and tokens.json.
 
     Returns (train_ids, val_ids) as uint16 arrays.
     """
@@ -49,14 +52,16 @@ def prepare(text, out_dir, encode=None):
         print(f"{split} has {len(raw):,} tokens")
 
     os.makedirs(out_dir, exist_ok=True)
+    forget_token_stats(out_dir)
     for split, arr in ids.items():
         arr.tofile(os.path.join(out_dir, f"{split}.bin"))
+    write_token_stats(out_dir, {split: split_stats(arr) for split, arr in ids.items()})
     return ids["train"], ids["val"]
 
 
 def main(argv=None):
     # --input PATH (default: download input.txt next to this script), --out_dir DIR
-    args = parse_input_args(argv, __doc__.splitlines()[0], HERE, "train.bin and val.bin")
+    args = parse_input_args(argv, __doc__.splitlines()[0], HERE, "train.bin, val.bin and tokens.json")
     prepare(read_text(tinyshakespeare_path(args.input, HERE)), args.out_dir)
 
 

@@ -3,7 +3,8 @@
 Adapted from nanoGPT's data/shakespeare_char/prepare.py (Andrej Karpathy, MIT).
 Characters map straight to integer ids (no BPE). Writes train.bin and val.bin
 (np.uint16 token ids) plus meta.pkl, which holds the encoder/decoder that
-sampling needs to turn ids back into text.
+sampling needs to turn ids back into text, and tokens.json (each split's token
+count and largest id, which training checks instead of reading the .bin files).
 
     python data/shakespeare_char/prepare.py                 # download input.txt
     python data/shakespeare_char/prepare.py --input FILE    # use a local copy
@@ -16,13 +17,15 @@ import numpy as np
 
 # data/ holds prepare_common.py, shared by every data/*/prepare.py; put it on the path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_common import die, download, parse_input_args, tinyshakespeare_path, read_text  # noqa: E402,F401 (download: tests call it)
+# download is unused here but tests call it through this module
+from prepare_common import (die, download, forget_token_stats, parse_input_args, read_text,  # noqa: E402,F401
+                            split_stats, tinyshakespeare_path, write_token_stats)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def prepare(text, out_dir):
-    """Build the char vocab, split 90/10, write train.bin/val.bin/meta.pkl."""
+    """Build the char vocab, split 90/10, write train.bin/val.bin/meta.pkl/tokens.json."""
     print(f"length of dataset in characters: {len(text):,}")
     chars = sorted(set(text))
     vocab_size = len(chars)
@@ -45,15 +48,17 @@ def prepare(text, out_dir):
     print(f"val has {len(val_ids):,} tokens")
 
     os.makedirs(out_dir, exist_ok=True)
+    forget_token_stats(out_dir)
     train_ids.tofile(os.path.join(out_dir, "train.bin"))
     val_ids.tofile(os.path.join(out_dir, "val.bin"))
     with open(os.path.join(out_dir, "meta.pkl"), "wb") as f:
         pickle.dump({"vocab_size": vocab_size, "itos": itos, "stoi": stoi}, f)
+    write_token_stats(out_dir, {"train": split_stats(train_ids), "val": split_stats(val_ids)})
 
 
 def main(argv=None):
     # --input PATH (default: download input.txt next to this script), --out_dir DIR
-    args = parse_input_args(argv, __doc__.splitlines()[0], HERE, "train.bin, val.bin and meta.pkl")
+    args = parse_input_args(argv, __doc__.splitlines()[0], HERE, "train.bin, val.bin, meta.pkl and tokens.json")
     prepare(read_text(tinyshakespeare_path(args.input, HERE)), args.out_dir)
 
 
