@@ -129,7 +129,7 @@ step "4e. DeepSpeed vs plain, dense vs FLOP-matched MoE, activation checkpointin
     --variants=plain,plain-ac,zero0,zero1-kept,zero2-kept --steps=15 --warmup=5 --threads=16 --n_layer=12 --n_head=12 \
     --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50304 --expert_hidden=1536 --dropout=0.0
 
-# The checkpoint path on a GPU: a DeepSpeed ZeRO-2 bf16 save, resumed on one device (resharded from ckpt.pt).
+# The checkpoint path on a GPU: a DeepSpeed ZeRO-2 bf16 save (per-rank shards), resumed on one device (resharded).
 python3 data/shakespeare_char/prepare.py --input "${SHAKESPEARE_INPUT:-data/shakespeare_char/input.txt}" \
     --out_dir "$WORK/sc" >/dev/null 2>&1
 TINY=(launch/config/train_shakespeare_char_moe.py --data_dir="$WORK/sc" --out_dir="$WORK/ck" --n_layer=2 --n_head=2

@@ -84,14 +84,14 @@ def main(argv):
         raise ConfigError(f"--device={a.device} but CUDA is not available here; use --device=cpu")
     ckpt = None
     if a.init_from == "resume":
-        ckpt = checkpoint.load(a.out_dir)
-        model = checkpoint.model_from_checkpoint(ckpt)
+        ckpt = checkpoint.open_checkpoint(a.out_dir)
+        model = checkpoint.model_from_checkpoint(ckpt)  # whole, on the CPU: one process samples it
     else:
         model = GPT.from_pretrained(a.init_from, {"dropout": 0.0})
     model.eval().to(a.device)
     if a.compile:
         model = torch.compile(model)
-    encode, decode = load_codec(ckpt)
+    encode, decode = load_codec(None if ckpt is None else ckpt.meta)
     x = torch.tensor(encode(start), dtype=torch.long, device=a.device)[None, ...]
     kind = a.device.split(":")[0]
     ctx = nullcontext() if a.dtype == "float32" else torch.autocast(device_type=kind, dtype=getattr(torch, a.dtype))

@@ -1,16 +1,36 @@
-"""`out_dir/ckpt.pt`: the topology-free training state, and loading a model back for sampling.
+"""The checkpoint format: every rank writes its own share, a small metadata record commits it.
 
-Every path writes it: the single-device trainer as its only checkpoint (as nanoGPT),
-the DeepSpeed path next to DeepSpeed's own per-rank files, as the last step of a save.
-It holds whole tensors keyed by parameter name: the fp32 weights, AdamW's moments and
-step, the router bias, plus the iteration, the config and the topology it was saved
-at. So any engine at any world size, `ep_size` or ZeRO stage can resume from it.
-docs/checkpoints.md has the design.
+A checkpoint is a directory `out_dir/iter_N/`:
+
+    shard_00000.bin    rank 0's share: raw fp32 records, back to back
+    shard_00001.bin    rank 1's share ...
+    rng_00000.pt       each rank's RNG state
+    metadata.json      the small state (iteration, config, model shape, topology, AdamW's
+                       step, the loss scale) and the index: for every record, which tensor,
+                       where in it (an offset into the flattened whole tensor), which file,
+                       where in the file, and its CRC-32
+
+Every tensor (weights, AdamW's two moments, the router bias) is addressed as its
+flattened whole: a record is a contiguous range of it. A rank writes the ranges it
+owns (its ZeRO fragment, its local experts' rows) and reads the ranges it needs, from
+whichever files hold them: nothing depends on the topology that wrote it, and no rank
+holds more than its share plus one record (at most RECORD_BYTES). The single-device
+trainer writes the same format, with one shard.
+
+Crash safety: ranks write into `iter_N.partial/`; rank 0 writes metadata.json there
+last, then renames the directory to `iter_N/`. That rename is the commit point: a
+directory named `iter_N` is complete. Resume takes the newest one (or --resume_iter).
+docs/checkpoints.md has the design and its costs; `ckpt.pt` files written by earlier
+versions are still read (LegacyCheckpoint).
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
+import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +39,27 @@ import torch
 from .config import CKPT_NAME, ConfigError, GPTConfig, init_source
 from .model import GPT
 
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+RECORD_BYTES = 16 << 20  # a record's size cap: the most a reader holds at once beyond its share
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
+
+class CheckpointError(ConfigError):
+    """A checkpoint could not be written or read; one line for the user."""
+
+
+def tensor_key(kind: str, name: str) -> str:
+    """A tensor's name in the index: kind is "model" (weights, buffers) or an AdamW moment."""
+    return f"{kind}/{name}"
+
+
+# ---------------------------------------------------------------- small state
 def rng_state() -> dict:
+    """This process's RNG states; on CUDA, only its current device's (each rank has its own)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -31,42 +67,15 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save(out_dir: str, payload: dict):
-    """Write atomically: a crash mid-save must not destroy the previous checkpoint."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = Path(out_dir) / CKPT_NAME
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:  # on disk before it replaces the old one
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def remove_partial_save(out_dir: str):
-    """Delete a ckpt.pt.tmp left by a killed save. Only the run that owns out_dir calls it (on
-    resume): a reader (sample.py, init_from) must not, as the run may be writing it right now."""
-    (Path(out_dir) / CKPT_NAME).with_suffix(".pt.tmp").unlink(missing_ok=True)
-
-
-def load(out_dir: str, map_location="cpu") -> dict:
-    path = Path(out_dir) / CKPT_NAME
-    if not path.exists():
-        raise ConfigError(f"no checkpoint at {path}; train first, or check --out_dir")
-    try:
-        # mmap: a DeepSpeed resume at the same topology reads DeepSpeed's own files and only
-        # ckpt.pt's small entries; every rank reads this file, so nothing is copied until used.
-        return torch.load(path, map_location=map_location, weights_only=False, mmap=True)
-    except Exception as e:  # a truncated or overwritten file: zip, pickle or storage errors
-        raise ConfigError(f"cannot read {path}: it is truncated or corrupt ({str(e).splitlines()[0][:120]}); "
-                          "restore it from a copy, or start again with init_from=scratch") from None
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])
+        elif len(state.get("cuda", ())) == torch.cuda.device_count():  # ckpt.pt: every device it saw
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def topology(engine: str, world_size: int, ep_size: int, zero_stage: int | None, dtype: str) -> dict:
-    """What a checkpoint's layout on disk depends on; recorded in every checkpoint, compared on load."""
+    """What a run's layout depends on; recorded in every checkpoint, compared on load."""
     return {"engine": engine, "world_size": world_size, "ep_size": ep_size, "zero_stage": zero_stage,
             "dtype": dtype}
 
@@ -94,46 +103,358 @@ def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str])
     return GPTConfig(**{**vars(model_cfg), **{k: saved_args[k] for k in SHAPE_KEYS}})
 
 
-def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """AdamW's moments as whole tensors keyed by parameter name, and its step count."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    moments, step = {}, 0
-    for p, st in optimizer.state.items():
-        if "exp_avg" in st:
-            moments[names[id(p)]] = {"exp_avg": st["exp_avg"].detach().float().cpu().clone(),
-                                 "exp_avg_sq": st["exp_avg_sq"].detach().float().cpu().clone()}
-            step = int(st["step"])
-    return {"step": step, "moments": moments}
+# ---------------------------------------------------------------- writing
+def _disk_error(path: Path, error: OSError, needed: int | None = None) -> str:
+    """One line for a failed write: which file, why, how much it needed."""
+    why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system"}.get(error.errno, error.strerror or str(error))
+    size = f" (this rank's share needs {needed / 2**20:.1f} MiB)" if needed else ""
+    return f"{path}: {why}{size}"
 
 
-def load_optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict):
-    """The inverse of optimizer_state_by_name, for a torch AdamW over `model`'s parameters."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            if name not in state["moments"]:
-                continue
-            m = state["moments"][name]
-            # torch keeps `step` as a float32 tensor: on the parameter's device for fused AdamW, else on the CPU.
-            step_device = p.device if group.get("fused") else "cpu"
-            optimizer.state[p] = {"step": torch.tensor(float(state["step"]), dtype=torch.float32, device=step_device),
-                                  "exp_avg": m["exp_avg"].to(p.device, p.dtype).clone(),
-                                  "exp_avg_sq": m["exp_avg_sq"].to(p.device, p.dtype).clone()}
+def write_shard(directory: Path, rank: int, pieces) -> dict:
+    """Write this rank's pieces and RNG state into `directory`; return its part of the index.
+
+    `pieces` yields (tensor key, offset into the flattened whole tensor, 1-D tensor); each
+    is written in records of at most RECORD_BYTES, copied to the host one record at a time.
+    Returns {"records": [[key, offset, numel, file, position, crc32], ...], "files": {...}}
+    or {"error": one line} when the disk refused (the caller aborts the save on every rank).
+    """
+    shard = directory / f"shard_{rank:05d}.bin"
+    records, position = [], 0
+    pieces = list(pieces)
+    needed = sum(value.numel() * 4 for _, _, value in pieces)
+    try:
+        with open(shard, "wb") as f:
+            per_record = RECORD_BYTES // 4
+            for key, offset, value in pieces:
+                for start in range(0, value.numel(), per_record):
+                    chunk = value.detach()[start:start + per_record].to("cpu", torch.float32).contiguous()
+                    data = memoryview(chunk.numpy()).cast("B")
+                    f.write(data)
+                    records.append([key, offset + start, chunk.numel(), shard.name, position, zlib.crc32(data)])
+                    position += len(data)
+            f.flush()
+            os.fsync(f.fileno())
+        rng_path = directory / f"rng_{rank:05d}.pt"
+        torch.save(rng_state(), rng_path)
+        rng_bytes = rng_path.read_bytes()
+        _fsync_file(rng_path)
+    except OSError as e:
+        return {"error": _disk_error(Path(e.filename) if e.filename else shard, e, needed)}
+    files = {shard.name: {"bytes": position}, rng_path.name: {"bytes": len(rng_bytes), "crc": zlib.crc32(rng_bytes)}}
+    return {"records": records, "files": files}
 
 
-def model_from_checkpoint(ckpt: dict, dropout: float | None = None) -> GPT:
-    """The model a checkpoint holds; checkpoints older than the `activation` key get its default, exact GELU."""
-    args = ckpt["model_args"] if dropout is None else {**ckpt["model_args"], "dropout": dropout}
+def _fsync_file(path: Path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(out_dir: str, iter_num: int) -> Path:
+    return Path(out_dir) / f"iter_{iter_num}.partial"
+
+
+def prepare_staging(out_dir: str, iter_num: int) -> str | None:
+    """Rank 0, before a save: an empty staging directory (a killed save's leftovers removed); or a disk error."""
+    staging = staging_dir(out_dir, iter_num)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    except OSError as e:
+        return _disk_error(staging, e)
+    return None
+
+
+def check_index(meta: dict):
+    """Every element of every tensor covered exactly once: a save that would lose state is not committed."""
+    covered: dict[str, int] = {}
+    for key, _, numel, *_ in meta["records"]:
+        covered[key] = covered.get(key, 0) + numel
+    for key, shape in meta["tensors"].items():
+        if covered.get(key, 0) != int(np.prod(shape)):
+            raise RuntimeError(f"checkpoint index: {key} has {covered.get(key, 0)} of {int(np.prod(shape))} "
+                               "elements (a bug in the ownership of the state: nothing was committed)")
+
+
+def commit(out_dir: str, iter_num: int, meta: dict, keep_last: int) -> str | None:
+    """Rank 0, after every rank wrote its shard: write the metadata, rename iter_N.partial to iter_N.
+
+    Returns None, or one line when the disk refused (the previous checkpoint is untouched).
+    Newer checkpoints than this one (left by a run resumed from an older one with
+    --resume_iter) are removed first, so that "the newest" is always this run's.
+    """
+    check_index(meta)
+    staging, final = staging_dir(out_dir, iter_num), Path(out_dir) / f"iter_{iter_num}"
+    path = staging / METADATA
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(staging)
+        for it, older in committed(out_dir):
+            if it > iter_num:
+                shutil.rmtree(older)
+        if final.exists():  # the same iteration saved again (after --resume_iter): replace it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(Path(out_dir))
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        return _disk_error(Path(e.filename) if e.filename else path, e)
+    prune(out_dir, keep_last)
+    return None
+
+
+def committed(out_dir: str) -> list[tuple[int, Path]]:
+    """The committed checkpoints in out_dir, oldest first."""
+    found = []
+    for path in Path(out_dir).glob("iter_*"):
+        if path.name[5:].isdigit() and (path / METADATA).is_file():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def prune(out_dir: str, keep_last: int):
+    """Keep the newest `keep_last` committed checkpoints; remove the rest and any staging directory."""
+    for _, path in committed(out_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in Path(out_dir).glob("iter_*.partial"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_saves(out_dir: str):
+    """Delete staging directories left by a killed save. Only the run that owns out_dir calls it (on
+    resume): a reader (sample.py, init_from) must not, as the run may be writing one right now."""
+    for path in Path(out_dir).glob("iter_*.partial"):
+        shutil.rmtree(path, ignore_errors=True)
+    (Path(out_dir) / CKPT_NAME).with_suffix(".pt.tmp").unlink(missing_ok=True)  # an older version's
+
+
+def check_writable(out_dir: str, rank: int):
+    """Refuse an out_dir this rank cannot write, before training: every rank writes its own shard there."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = Path(out_dir) / f".write_probe_{rank}_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"out_dir '{out_dir}' is not writable ({_disk_error(Path(out_dir), e).split(': ', 1)[1]}): "
+                          "checkpoints and metrics go there; choose another --out_dir") from None
+
+
+# ---------------------------------------------------------------- reading
+class Checkpoint:
+    """A committed checkpoint opened for reading: its metadata now, tensor ranges on demand."""
+
+    def __init__(self, directory: Path, meta: dict):
+        self.directory, self.meta = directory, meta
+        self.name = directory.name
+        self._by_key: dict[str, list] = {}
+        for record in meta["records"]:
+            self._by_key.setdefault(record[0], []).append(record)
+        for records in self._by_key.values():
+            records.sort(key=lambda r: r[1])
+        self._cached: tuple | None = None  # (record, data): consecutive reads often share a record
+
+    def has(self, key: str) -> bool:
+        return key in self.meta["tensors"]
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self.meta["tensors"][key])
+
+    def read_into(self, key: str, start: int, out: torch.Tensor):
+        """Fill the 1-D tensor `out` (any dtype, any device) with elements [start, start + numel) of `key`."""
+        end = start + out.numel()
+        if key not in self._by_key or end > int(np.prod(self.shape(key))):
+            raise CheckpointError(f"{self.directory}: holds no {key}[{start}:{end}]; it was saved by another model")
+        for record in self._by_key[key]:
+            _, offset, numel, *_ = record
+            lo, hi = max(start, offset), min(end, offset + numel)
+            if lo < hi:
+                data = self._record(record)
+                out[lo - start:hi - start].copy_(torch.from_numpy(data[lo - offset:hi - offset]))
+
+    def whole(self, key: str) -> torch.Tensor:
+        """A whole tensor, fp32 on the CPU (for consolidating: sampling, export)."""
+        out = torch.empty(self.shape(key), dtype=torch.float32)
+        self.read_into(key, 0, out.view(-1))
+        return out
+
+    def _record(self, record) -> np.ndarray:
+        if self._cached is not None and self._cached[0] is record:
+            return self._cached[1]
+        key, _, numel, file, position, crc = record
+        path = self.directory / file
+        data = bytearray(numel * 4)
+        try:
+            with open(path, "rb") as f:
+                f.seek(position)
+                got = f.readinto(data)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror}; {self.fallback()}") from None
+        if got != len(data) or zlib.crc32(data) != crc:
+            raise CheckpointError(f"{path} is corrupt (checksum mismatch at byte {position}, in {key}); "
+                                  f"{self.fallback()}")
+        array = np.frombuffer(data, dtype=np.float32)
+        self._cached = (record, array)
+        return array
+
+    def rng(self, rank: int) -> dict | None:
+        """Rank `rank`'s RNG state, if the run that saved had that rank."""
+        path = self.directory / f"rng_{rank:05d}.pt"
+        info = self.meta["files"].get(path.name)
+        if info is None:
+            return None
+        data = path.read_bytes() if path.exists() else b""
+        if zlib.crc32(data) != info["crc"]:
+            raise CheckpointError(f"{path} is corrupt (checksum mismatch); {self.fallback()}")
+        import io
+        return torch.load(io.BytesIO(data), weights_only=False)
+
+    def fallback(self) -> str:
+        """What to do when this checkpoint is unreadable: the previous one, if there is one."""
+        out_dir = self.directory.parent
+        older = [it for it, _ in committed(out_dir) if it < self.meta["iter_num"]]
+        if older:
+            return (f"the previous checkpoint iter_{older[-1]} is still there: resume from it with "
+                    f"--init_from=resume --resume_iter={older[-1]}")
+        return "no earlier checkpoint is left in this out_dir: restore the file from a copy, or start again"
+
+    def model_state(self, model: GPT) -> dict:
+        """Whole fp32 tensors for every entry of `model`'s state_dict that the checkpoint holds (tied names too)."""
+        by_id = {id(p): name for name, p in model.named_parameters()}  # a tied weight's saved name
+        names = {**{n: n for n, _ in model.named_buffers()},
+                 **{n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}}
+        return {n: self.whole(tensor_key("model", src)) for n, src in names.items()
+                if self.has(tensor_key("model", src))}
+
+
+class LegacyCheckpoint(Checkpoint):
+    """An `out_dir/ckpt.pt` written before the sharded format: whole tensors by name, read through mmap."""
+
+    def __init__(self, path: Path):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # a truncated or overwritten file: zip, pickle or storage errors
+            raise CheckpointError(f"cannot read {path}: it is truncated or corrupt "
+                                  f"({str(e).splitlines()[0][:120]}); restore it from a copy, or start again "
+                                  "with init_from=scratch") from None
+        if "topology" not in ckpt:
+            raise CheckpointError(f"{path} has no topology record (written before checkpoints could be resharded); "
+                                  "resume it with the nanomoe_ds that wrote it, or start again")
+        self.directory, self.name, self._cached = path.parent, path.name, None
+        self._tensors = {tensor_key("model", n): v for n, v in ckpt["model"].items()}
+        opt = ckpt["optimizer_state"]
+        for name, moments in opt["moments"].items():
+            for kind, value in moments.items():
+                self._tensors[tensor_key(kind, name)] = value
+        scaler = ckpt.get("scaler") or {}
+        self.meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer_state", "rng", "scaler")}
+        self.meta.update(optimizer_step=opt["step"], files={}, records=[],
+                         loss_scale={"scale": scaler["scale"]} if scaler.get("scale") else None,
+                         tensors={k: list(v.shape) for k, v in self._tensors.items()})
+        self._rng = ckpt["rng"]
+
+    def read_into(self, key: str, start: int, out: torch.Tensor):
+        out.copy_(self._tensors[key].reshape(-1)[start:start + out.numel()])
+
+    def rng(self, rank: int) -> dict | None:
+        return self._rng if rank == 0 else None  # rank 0's: the only one it saved
+
+    def fallback(self) -> str:
+        return "restore it from a copy, or start again with init_from=scratch"
+
+
+def open_checkpoint(out_dir: str, iteration: int = -1) -> Checkpoint:
+    """The newest committed checkpoint in out_dir (or iter_`iteration`), or an older version's ckpt.pt."""
+    found = dict(committed(out_dir))
+    if iteration >= 0:
+        if iteration not in found:
+            have = ", ".join(str(it) for it in found) or "none"
+            raise ConfigError(f"{out_dir} has no committed checkpoint iter_{iteration} (committed iterations: {have})")
+        directory = found[iteration]
+    elif found:
+        directory = found[max(found)]
+    elif (Path(out_dir) / CKPT_NAME).is_file():
+        return LegacyCheckpoint(Path(out_dir) / CKPT_NAME)
+    else:
+        raise ConfigError(f"no checkpoint in {out_dir} (no iter_N/{METADATA}); train first, or check --out_dir")
+    try:
+        meta = json.loads((directory / METADATA).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {directory / METADATA}: {e}; restore it from a copy, or resume from "
+                              "an older iter_N with --resume_iter") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory / METADATA} has format {meta.get('format')}, this nanomoe_ds reads "
+                              f"{FORMAT_VERSION}; use the version that wrote it")
+    return Checkpoint(directory, meta)
+
+
+# ---------------------------------------------------------------- whole models (sampling, export, init_from)
+def model_from_checkpoint(ckpt: Checkpoint, dropout: float | None = None) -> GPT:
+    """The model a checkpoint holds, whole on the CPU; checkpoints older than the `activation` key get exact GELU."""
+    args = ckpt.meta["model_args"] if dropout is None else {**ckpt.meta["model_args"], "dropout": dropout}
     model = GPT(GPTConfig(**args))
-    sd = ckpt["model"]
-    prefix = "_orig_mod."  # left by torch.compile
-    model.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()})
+    model.load_state_dict(ckpt.model_state(model))
     return model
 
 
 def load_source(init_from: str, dropout: float) -> GPT:
-    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run's ckpt.pt."""
+    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run of ours."""
     if init_source(init_from) == "hf":
         return GPT.from_pretrained(init_from, {"dropout": dropout})
-    return model_from_checkpoint(load(init_from), dropout=dropout)
+    return model_from_checkpoint(open_checkpoint(init_from), dropout=dropout)
+
+
+# ---------------------------------------------------------------- one save, every rank
+class SingleProcess:
+    """The collectives of a world of one (the single-device trainer)."""
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def broadcast(self, obj):
+        return obj
+
+
+def save(out_dir: str, meta: dict, pieces, rank: int, keep_last: int, collectives=SingleProcess()):
+    """Every rank calls this with its pieces; rank 0's `meta` holds the small state and the tensors' shapes.
+
+    Order: rank 0 makes the staging directory; every rank writes its shard; rank 0 gathers
+    the index parts (so every shard is on disk) and commits; every rank learns the outcome.
+    A disk error on any rank aborts the save on all, in one line, leaving the previous
+    checkpoint as it was and no staging directory behind.
+    """
+    iter_num = meta["iter_num"]
+    error = prepare_staging(out_dir, iter_num) if rank == 0 else None
+    error = collectives.broadcast(error)
+    if error is None:
+        parts = collectives.gather(write_shard(staging_dir(out_dir, iter_num), rank, pieces))
+        if rank == 0:
+            error = next((part["error"] for part in parts if "error" in part), None)
+            if error is None:
+                index = {"format": FORMAT_VERSION, **meta, "records": [r for part in parts for r in part["records"]],
+                         "files": {k: v for part in parts for k, v in part["files"].items()}}
+                try:
+                    error = commit(out_dir, iter_num, index, keep_last)
+                except Exception as e:  # not a disk error (e.g. check_index): still tell the other ranks
+                    shutil.rmtree(staging_dir(out_dir, iter_num), ignore_errors=True)
+                    error = f"{type(e).__name__}: {e}"
+            else:
+                shutil.rmtree(staging_dir(out_dir, iter_num), ignore_errors=True)
+        error = collectives.broadcast(error)
+    if error is not None:
+        last = committed(out_dir)
+        kept = f"the last committed checkpoint, {last[-1][1].name}, is intact" if last else "no checkpoint was committed"
+        raise CheckpointError(f"cannot save the checkpoint of iteration {iter_num}: {error}; {kept}; free space or "
+                              "choose another --out_dir, then continue with --init_from=resume")

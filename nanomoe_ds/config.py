@@ -50,7 +50,7 @@ HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
                  "openai-community/gpt2-xl", "distilbert/distilgpt2")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                    "pytorch_model.bin.index.json")
-CKPT_NAME = "ckpt.pt"  # a run's single-device (or DeepSpeed-consolidated) checkpoint in its out_dir
+CKPT_NAME = "ckpt.pt"  # the single-file checkpoint of versions before the sharded format (still read)
 
 
 @dataclass
@@ -98,7 +98,8 @@ class TrainConfig:
     eval_iters: int = 200
     eval_only: bool = False
     always_save_checkpoint: bool = True
-    keep_last: int = 2  # DeepSpeed checkpoints (iter_N/) kept: the newest and one before it
+    keep_last: int = 2  # committed checkpoints (iter_N/) kept: the newest and one before it, to fall back on
+    resume_iter: int = -1  # init_from=resume: the newest committed checkpoint (-1), or iter_N for N
     # scratch | resume | a GPT-2 name (HF_GPT2_NAMES) | a local HF GPT-2 dir | the out_dir of a dense run.
     # A dense source with use_moe=True is upcycled (upcycle.py).
     init_from: str = "scratch"
@@ -294,6 +295,9 @@ def validate_train(t: TrainConfig):
     blocker = _file_in_the_way(t.out_dir)
     _check(blocker is None, f"out_dir '{t.out_dir}' cannot be made: '{blocker}' is a file, not a directory; "
                             "choose another --out_dir")
+    _check(t.resume_iter >= -1, f"resume_iter must be -1 (the newest checkpoint) or an iteration, got {t.resume_iter}")
+    _check(t.resume_iter == -1 or t.init_from == "resume",
+           f"resume_iter={t.resume_iter} picks a checkpoint to resume; it needs --init_from=resume")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
     if init_source(t.init_from) == "run":
@@ -330,21 +334,31 @@ def _file_in_the_way(path: str) -> str | None:
     return None if os.path.isdir(path) else path
 
 
+def _is_run_dir(path: str) -> bool:
+    """A run of ours: a committed checkpoint (iter_N/metadata.json) or an older version's ckpt.pt.
+    (checkpoint.py owns the format; this is its cheap test, here to keep config free of torch.)"""
+    import glob
+    found = glob.glob(os.path.join(glob.escape(path), "iter_*", "metadata.json"))
+    return any(os.path.basename(os.path.dirname(f))[5:].isdigit() for f in found) or \
+        os.path.isfile(os.path.join(path, CKPT_NAME))
+
+
 def init_source(init_from: str) -> str:
     """What `init_from` names, checked without loading any weights.
 
     Returns "scratch", "resume", "hf" (a GPT-2 name, or a local Hugging Face GPT-2
-    directory) or "run" (the out_dir of a run of ours: its ckpt.pt). Anything else
+    directory) or "run" (the out_dir of a run of ours: a committed iter_N/, or an older
+    version's ckpt.pt). Anything else
     is refused in one line that says what was expected.
     """
     if init_from in ("scratch", "resume"):
         return init_from
     if os.path.isdir(init_from):
-        if os.path.isfile(os.path.join(init_from, CKPT_NAME)):
+        if _is_run_dir(init_from):
             return "run"
         hf_config = os.path.join(init_from, "config.json")
         _check(os.path.isfile(hf_config), f"init_from '{init_from}' is a directory with neither a run of ours "
-                                          f"({CKPT_NAME}) nor a Hugging Face GPT-2 (config.json)")
+                                          "(iter_N/metadata.json) nor a Hugging Face GPT-2 (config.json)")
         try:
             with open(hf_config) as f:
                 model_type = json.load(f).get("model_type")
@@ -358,7 +372,7 @@ def init_source(init_from: str) -> str:
     _check(init_from in HF_GPT2_NAMES,
            f"unknown init_from '{init_from}'; expected scratch, resume, a GPT-2 name ({', '.join(HF_GPT2_NAMES[:5])}, "
            f"or openai-community/ forms), a local Hugging Face GPT-2 directory, or the out_dir of a run of ours "
-           f"(holding {CKPT_NAME})")
+           "(holding iter_N/metadata.json)")
     return "hf"
 
 

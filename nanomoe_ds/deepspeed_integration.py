@@ -127,12 +127,12 @@ class DeepSpeedEngine:
     def save(self, out_dir: str, state: dict):
         ds_checkpoint.save(self.engine, self.module, out_dir, state, self.topology(), self.t.keep_last)
 
-    def load(self, out_dir: str, ckpt: dict) -> dict:
-        """Resume from ckpt.pt's save (read by the trainer): DeepSpeed's files, or resharded."""
-        how = ds_checkpoint.load(self.engine, self.module, out_dir, ckpt, self.topology())
+    def load(self, ckpt: checkpoint.Checkpoint) -> dict:
+        """Restore this rank's share from a checkpoint saved at any topology; return its training state."""
+        how = ds_checkpoint.load(self.engine, self.module, ckpt, self.topology())
         if self.rank == 0:
             print(how, flush=True)
-        return ckpt
+        return ckpt.meta
 
 
 def undo_initial_step_(optimizer):

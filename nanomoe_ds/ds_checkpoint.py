@@ -1,43 +1,49 @@
-"""DeepSpeed checkpoints that resume at any topology, and never point at a half-written save.
+"""DeepSpeed checkpoints: which ranges of the training state a rank owns, writes and reads.
 
-A save writes, in this order:
-  1. DeepSpeed's own files for tag `iter_N` on every rank (model, ZeRO optimizer
-     partitions, one file per expert), without moving `latest`;
-  2. each rank's RNG state;
-  3. `ckpt.pt`, written by rank 0 after a collective that every rank reaches only when
-     its files are on disk: the whole training state, keyed by parameter name, with the
-     topology it was saved at. Replacing ckpt.pt is the commit point;
-  4. `latest`, then old `iter_*` directories beyond `keep_last` are pruned.
-A kill anywhere before 3 leaves ckpt.pt on the previous save, and resume uses that.
+The format and its commit are checkpoint.py's. This module maps a rank's share of
+every tensor to ranges of the flattened whole tensor, per DeepSpeed 0.19.8's layout
+(docs/checkpoints.md):
 
-Resume reads ckpt.pt. At the same topology (world size, ep_size, ZeRO stage, dtype) it
-loads DeepSpeed's own files for that tag, the fast path. Otherwise it reshards: every
-rank takes its slice of the whole tensors in ckpt.pt, weights and AdamW moments alike.
-DeepSpeed's `ds_to_universal` cannot do this for native MoE layers.
+- ZeRO-1/2 and the bf16 optimizer give every parameter a `_dp_group` and an
+  `_hp_mapping`: None where this rank owns none of it, else the addresses of its fp32
+  fragment in the flat partition, which is the single parameter of the inner torch
+  optimizer's group `param_group_index`. The AdamW moments sit at the same addresses of
+  that parameter's state. The fragments of the ranks sharing a parameter tile it once.
+- ZeRO-0 partitions nothing: every replica holds all of it (in fp32 the parameters are
+  the optimizer's own; in bf16/fp16 each has an fp32 copy in `fp32_groups`). The
+  replicas split the writing evenly, so each element is still written once.
+- Expert parameters hold rows `ep_rank * E/ep_size ...` of the whole [E, ...] tensor,
+  replicated over the expert-data-parallel group; dense ones are replicated over all ranks.
 
-Where a rank's share of each parameter lives, per the facts in DeepSpeed 0.19.8's ZeRO
-and bf16 optimizers (see docs/checkpoints.md): every parameter has `_dp_group` and an
-`_hp_mapping` that is None where this rank owns none of it, else the addresses of its
-fragment in the flat fp32 partition, which is the single parameter of the inner torch
-optimizer's group `param_group_index`. At ZeRO-0 nothing is partitioned: in fp32 the
-parameters are the optimizer's own, in bf16/fp16 each has an fp32 copy in the same
-place of `fp32_groups`.
+So a save writes each element once, in parallel, and a load at any topology reads only
+this rank's ranges (its fragments, and its local copy of the weights the model keeps
+whole on every rank at ZeRO-0/1/2). DeepSpeed's own `save_checkpoint` files are not
+written: they would hold the same state a second time.
 """
 from __future__ import annotations
-
-import os
-import shutil
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint, ds_groups
+from .checkpoint import MOMENTS, tensor_key
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+
+class DistCollectives:
+    """What a save needs of the process group: rank 0 gathers the index and decides for all."""
+
+    def gather(self, obj) -> list | None:
+        out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
-# ---------------------------------------------------------------- one parameter, whole or sliced
+# ---------------------------------------------------------------- where a parameter's share lives
 def _is_wrapped(p) -> bool:
     return hasattr(p, "_dp_group")  # ZeRO-1/2 and the bf16 optimizer link every parameter
 
@@ -58,76 +64,106 @@ def _master(optimizer, p):
     return p
 
 
-def _flat_state(optimizer, group_index: int) -> dict:
-    """The inner torch optimizer's state for the flat fp32 partition of a parameter group."""
-    inner = optimizer.optimizer
-    return inner.state[inner.param_groups[group_index]["params"][0]]
-
-
-def _fragment(optimizer, p, key: str | None) -> torch.Tensor:
-    """This rank's fp32 fragment of p (key None), or of its optimizer state `key`."""
+def _fragment(optimizer, p, kind: str) -> torch.Tensor:
+    """This rank's fp32 fragment of p (kind "model"), or of its AdamW moment `kind`: a view, 1-D."""
     mapping = p._hp_mapping
-    if key is None:
-        return mapping.hp_fragment
-    address = mapping.hp_fragment_address
-    return _flat_state(optimizer, mapping.param_group_index)[key].narrow(0, address.start, address.numel)
+    if kind == "model":
+        return mapping.hp_fragment.view(-1)
+    inner = optimizer.optimizer
+    flat = inner.param_groups[mapping.param_group_index]["params"][0]
+    return inner.state[flat][kind].narrow(0, mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel)
 
 
-def _local_whole(optimizer, p, key: str | None) -> torch.Tensor:
-    """This rank's whole copy of p (its local experts, for an expert parameter), fp32. Collective."""
-    if not _is_wrapped(p):
-        master = _master(optimizer, p)
-        value = master.detach() if key is None else _inner(optimizer).state[master][key]
-        return value.float().clone()
-    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-    if p._hp_mapping is not None:
-        address = p._hp_mapping.lp_fragment_address
-        buf.narrow(0, address.start, address.numel).copy_(_fragment(optimizer, p, key))
-    dist.all_reduce(buf, group=p._dp_group)  # the fragments of the ranks sharing p tile it exactly once
-    return buf.view_as(p)
+def _local(optimizer, p, kind: str) -> torch.Tensor:
+    """All of this rank's unpartitioned copy of p (kind "model": its fp32 master) or of a moment; 1-D."""
+    master = _master(optimizer, p)
+    return (master.detach() if kind == "model" else _inner(optimizer).state[master][kind]).view(-1)
 
 
-def _whole(optimizer, p, key: str | None) -> torch.Tensor:
-    """All of p, every expert included, on the CPU. Collective."""
-    local = _local_whole(optimizer, p, key)
+def _rows_offset(p) -> int:
+    """Where this rank's slice of p starts in the flattened whole: its local experts' first row."""
     group = ds_groups.expert_group_of(p)
-    if group is not None:
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local, group=group)
-        local = torch.cat(parts)
-    return local.cpu()
+    return 0 if group is None else dist.get_rank(group) * p.numel()
 
 
-def _my_slice(p, whole: torch.Tensor) -> torch.Tensor:
-    """The rows of `whole` this rank holds: its local experts for an expert parameter, else all."""
+def global_shape(p) -> list[int]:
     group = ds_groups.expert_group_of(p)
-    if group is None:
-        return whole
-    n_local = p.shape[0]
-    start = dist.get_rank(group) * n_local
-    return whole[start:start + n_local]
+    rows = p.shape[0] * (1 if group is None else dist.get_world_size(group))
+    return [rows, *p.shape[1:]] if p.dim() else []
 
 
-def _set(optimizer, p, key: str | None, value: torch.Tensor):
-    """Write this rank's share of `value` (p's shape) into p's fp32 copy (key None) or state `key`."""
-    value = value.to(p.device, torch.float32)
-    if not _is_wrapped(p):
-        master = _master(optimizer, p)
-        if key is None:
-            p.data.copy_(value.to(p.dtype))
-            master.data.copy_(value)
-        else:
-            _inner(optimizer).state[master][key].copy_(value)
-        return
-    if key is None:
-        p.data.copy_(value.to(p.dtype))  # the model's (bf16 or fp32) copy, whole on every rank at ZeRO-1/2
-    if p._hp_mapping is not None:
-        address = p._hp_mapping.lp_fragment_address
-        _fragment(optimizer, p, key).copy_(value.flatten().narrow(0, address.start, address.numel))
+def _replica_split(p, numel: int) -> tuple[int, int]:
+    """(start, numel) of the even part of an unpartitioned p that this replica writes."""
+    group = ds_groups.replica_group_of(p)
+    index, count = dist.get_rank(group), dist.get_world_size(group)
+    per = -(-numel // count)
+    start = min(index * per, numel)
+    return start, min(per, numel - start)
 
 
+def _has_moments(optimizer) -> bool:
+    return any("exp_avg" in st for st in _inner(optimizer).state.values())
+
+
+def _step(optimizer) -> int:
+    states = [st for st in _inner(optimizer).state.values() if "step" in st]
+    return int(states[0]["step"]) if states else 0
+
+
+# ---------------------------------------------------------------- save
+def shapes(model, optimizer) -> dict[str, list[int]]:
+    """Every tensor the checkpoint holds and its whole shape (rank 0 writes them into the index)."""
+    kinds = ("model", *MOMENTS) if _has_moments(optimizer) else ("model",)
+    out = {tensor_key(kind, n): global_shape(p) for n, p in model.named_parameters() for kind in kinds}
+    out.update({tensor_key("model", n): list(b.shape) for n, b in model.named_buffers() if n.endswith("score_bias")})
+    return out
+
+
+def owned_pieces(model, optimizer, rank: int):
+    """(tensor key, offset into the flattened whole, 1-D view) for every range this rank writes."""
+    kinds = ("model", *MOMENTS) if _has_moments(optimizer) else ("model",)
+    for n, p in model.named_parameters():
+        base = _rows_offset(p)
+        for kind in kinds:
+            if _is_wrapped(p):
+                if p._hp_mapping is not None:
+                    yield tensor_key(kind, n), base + p._hp_mapping.lp_fragment_address.start, _fragment(optimizer, p,
+                                                                                                         kind)
+            else:
+                start, numel = _replica_split(p, p.numel())
+                if numel:
+                    yield tensor_key(kind, n), base + start, _local(optimizer, p, kind).narrow(0, start, numel)
+    if rank == 0:  # the router bias: identical on every rank
+        for n, b in model.named_buffers():
+            if n.endswith("score_bias"):
+                yield tensor_key("model", n), 0, b.detach().view(-1)
+
+
+def loss_scale(engine) -> dict | None:
+    """The fp16 dynamic loss scaler's state (None unless fp16): DeepSpeed keeps it in the optimizer."""
+    if not engine.fp16_enabled():
+        return None
+    holder = _scaler(engine.optimizer)
+    state = {k: getattr(holder, k) for k in ("cur_iter", "last_overflow_iter", "cur_hysteresis") if hasattr(holder, k)}
+    return {"scale": float(holder.cur_scale), "deepspeed": state}
+
+
+def _scaler(optimizer):
+    # ZeRO-1/2 and the fused fp16 optimizer: `loss_scaler`; the unfused (ZeRO-0) one: `loss_scale_config`
+    return getattr(optimizer, "loss_scaler", None) or optimizer.loss_scale_config
+
+
+def save(engine, model, out_dir: str, state: dict, topology: dict, keep_last: int):
+    """Every rank calls this: each writes its share, rank 0 commits (checkpoint.save)."""
+    rank = dist.get_rank()
+    meta = {**state, "topology": topology, "optimizer_step": _step(engine.optimizer), "loss_scale": loss_scale(engine),
+            "tensors": shapes(model, engine.optimizer) if rank == 0 else {}}
+    checkpoint.save(out_dir, meta, owned_pieces(model, engine.optimizer, rank), rank, keep_last, DistCollectives())
+
+
+# ---------------------------------------------------------------- load
 def _ensure_state(optimizer, step: int):
-    """AdamW creates its state at the first step; a resharded resume writes into it before that."""
+    """AdamW creates its state at the first step; a resume writes into it before that."""
     inner = _inner(optimizer)
     for group in inner.param_groups:
         for flat in group["params"]:
@@ -138,89 +174,63 @@ def _ensure_state(optimizer, step: int):
             state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
-# ---------------------------------------------------------------- the whole state
-def gather_train_state(model, optimizer) -> dict:
-    """Weights (fp32), AdamW moments and step as whole tensors by name, as checkpoint.py stores them. Collective."""
-    weights = {n: _whole(optimizer, p, None) for n, p in model.named_parameters(remove_duplicate=False)}
+@torch.no_grad()
+def restore_(model, optimizer, ckpt: checkpoint.Checkpoint):
+    """Read this rank's ranges of every tensor into the model, the fp32 masters and AdamW's state."""
+    with_moments = ckpt.has(tensor_key(MOMENTS[0], next(n for n, _ in model.named_parameters())))
+    if with_moments:
+        _ensure_state(optimizer, ckpt.meta["optimizer_step"])
+    for n, p in model.named_parameters():
+        base = _rows_offset(p)
+        # The weights: the model's copy is whole on every rank at ZeRO-0/1/2; read it in place when fp32.
+        weights = p.data.view(-1) if p.dtype == torch.float32 else torch.empty(p.numel(), device=p.device)
+        ckpt.read_into(tensor_key("model", n), base, weights)
+        if weights.data_ptr() != p.data.data_ptr():
+            p.data.view(-1).copy_(weights)
+        if _is_wrapped(p):
+            if p._hp_mapping is not None:
+                address = p._hp_mapping.lp_fragment_address
+                _fragment(optimizer, p, "model").copy_(weights.narrow(0, address.start, address.numel))
+                for kind in MOMENTS if with_moments else ():
+                    ckpt.read_into(tensor_key(kind, n), base + address.start, _fragment(optimizer, p, kind))
+        else:
+            master = _local(optimizer, p, "model")
+            if master.data_ptr() != p.data.data_ptr():
+                master.copy_(weights)
+            for kind in MOMENTS if with_moments else ():
+                ckpt.read_into(tensor_key(kind, n), base, _local(optimizer, p, kind))
     for n, b in model.named_buffers():
-        if n.endswith("score_bias"):  # the router bias: identical on every rank
-            weights[n] = b.detach().float().cpu().clone()
-    moments, step = {}, 0
-    states = [st for st in _inner(optimizer).state.values() if "exp_avg" in st]
-    if states:  # none before the first step
-        for n, p in model.named_parameters():
-            moments[n] = {key: _whole(optimizer, p, key) for key in MOMENTS}
-        step = int(states[0]["step"])
-    return {"model": weights, "optimizer_state": {"step": step, "moments": moments}}
+        if ckpt.has(tensor_key("model", n)):
+            ckpt.read_into(tensor_key("model", n), 0, b.view(-1))
 
 
-def scatter_train_state(model, optimizer, ckpt: dict):
-    """Load whole tensors saved by any engine at any topology into this rank's shares."""
-    weights, opt_state = ckpt["model"], ckpt["optimizer_state"]
-    params = list(model.named_parameters())
-    if opt_state["moments"]:
-        _ensure_state(optimizer, opt_state["step"])
-    with torch.no_grad():
-        for n, p in params:
-            _set(optimizer, p, None, _my_slice(p, weights[n]))
-            for key, whole in opt_state["moments"].get(n, {}).items():
-                _set(optimizer, p, key, _my_slice(p, whole))
-        for n, b in model.named_buffers():
-            if n in weights:
-                b.copy_(weights[n].to(b.device, b.dtype))
+def set_loss_scale(engine, saved: dict | None):
+    if saved is None or not engine.fp16_enabled():
+        return
+    holder = _scaler(engine.optimizer)
+    holder.cur_scale = saved["scale"]
+    for k, v in saved.get("deepspeed", {}).items():  # the same engine wrote it: its counters too
+        setattr(holder, k, v)
 
 
-# ---------------------------------------------------------------- save / load
-def save(engine, model, out_dir: str, state: dict, topology: dict, keep_last: int):
-    """Every rank calls this; see the module docstring for the order that makes it crash-safe."""
-    rank, tag = dist.get_rank(), f"iter_{state['iter_num']}"
-    engine.save_checkpoint(out_dir, tag=tag, client_state=state, save_latest=False)
-    torch.save(checkpoint.rng_state(), Path(out_dir) / tag / f"rng_rank{rank}.pt")
-    universal = gather_train_state(model, engine.optimizer)  # every rank got here: its files are written
-    if rank == 0:
-        checkpoint.save(out_dir, {**state, **universal, "topology": topology, "ds_tag": tag,
-                                  "rng": checkpoint.rng_state()})
-        _write_latest(out_dir, tag)
-        prune(out_dir, keep_last, current=int(state["iter_num"]))
-    dist.barrier()
-
-
-def _write_latest(out_dir: str, tag: str):
-    tmp = Path(out_dir) / "latest.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, Path(out_dir) / "latest")
-
-
-def iter_dirs(out_dir: str) -> list[tuple[int, Path]]:
-    found = []
-    for path in Path(out_dir).glob("iter_*"):
-        if path.is_dir() and path.name[5:].isdigit():
-            found.append((int(path.name[5:]), path))
-    return sorted(found)
-
-
-def prune(out_dir: str, keep_last: int, current: int | None = None):
-    """Keep the newest `keep_last` complete checkpoints; remove older ones and any newer, incomplete one."""
-    dirs = iter_dirs(out_dir)
-    committed = [it for it, _ in dirs if current is None or it <= current]
-    keep = set(committed[-keep_last:])
-    for it, path in dirs:
-        if it not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def load(engine, model, out_dir: str, ckpt: dict, topology: dict) -> str:
-    """Restore this rank from ckpt.pt's save; return how (a line for rank 0 to print)."""
-    tag, saved = ckpt.get("ds_tag"), ckpt["topology"]
-    incomplete = [p.name for it, p in iter_dirs(out_dir) if it > ckpt["iter_num"]]
-    note = f"; skipped incomplete {', '.join(incomplete)} (a save that did not finish)" if incomplete else ""
-    if saved == topology and tag and (Path(out_dir) / tag).is_dir():
-        engine.load_checkpoint(out_dir, tag=tag, load_lr_scheduler_states=False)
-        rng = Path(out_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
-        if rng.exists():
-            checkpoint.set_rng_state(torch.load(rng, weights_only=False))
-        return f"resuming from {tag} (DeepSpeed's files, same topology){note}"
-    scatter_train_state(model, engine.optimizer, ckpt)
-    checkpoint.set_rng_state(ckpt["rng"])
-    return (f"resuming iteration {ckpt['iter_num']} saved at {checkpoint.describe(saved)} on "
-            f"{checkpoint.describe(topology)}: resharded from ckpt.pt{note}")
+def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
+    """Restore this rank from a checkpoint saved at any topology; return how (a line for rank 0)."""
+    failure = None
+    try:
+        restore_(model, engine.optimizer, ckpt)
+        set_loss_scale(engine, ckpt.meta.get("loss_scale"))
+        rng = ckpt.rng(dist.get_rank())
+        if rng is not None:  # a rank the saving run did not have keeps its own seeded state
+            checkpoint.set_rng_state(rng)
+    except checkpoint.CheckpointError as e:
+        failure = e
+    # Every rank learns whether all ranks read their share: one rank's corrupt record stops them all now.
+    failed = torch.tensor([float(failure is not None)], device=engine.device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(failed)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise checkpoint.CheckpointError(f"another rank could not read {ckpt.directory} (its error says why)")
+    saved = ckpt.meta["topology"]
+    how = "same topology" if saved == topology else f"resharded from {checkpoint.describe(saved)}"
+    return f"resuming iteration {ckpt.meta['iter_num']} from {ckpt.directory} ({how})"

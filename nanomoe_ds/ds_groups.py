@@ -38,3 +38,12 @@ def expert_group_of(param):
 def is_expert(param) -> bool:
     """Tagged as an expert parameter: its gradients are reduced over the expert-data-parallel group only."""
     return getattr(param, "allreduce", True) is False
+
+
+def replica_group_of(param):
+    """The ranks that hold identical copies of `param`: its expert-data-parallel group for an expert
+    parameter, else every rank (None: the default group)."""
+    if not is_expert(param):
+        return None
+    from deepspeed.utils import groups
+    return groups._get_expert_data_parallel_group(param.group_name)

@@ -55,8 +55,8 @@ class Engine(Protocol):
 
     def save(self, out_dir: str, state: dict) -> None: ...
 
-    def load(self, out_dir: str, ckpt: dict) -> dict:
-        """Restore from ckpt.pt (already read by the trainer); return its training state."""
+    def load(self, ckpt: checkpoint.Checkpoint) -> dict:
+        """Restore this rank's share from a checkpoint saved at any topology; return its training state."""
 
 
 def get_lr(it: int, t: TrainConfig) -> float:
@@ -131,19 +131,58 @@ class LocalEngine:
         return checkpoint.topology("local", 1, 1, None, str(self.compute_dtype).removeprefix("torch."))
 
     def save(self, out_dir: str, state: dict):
-        checkpoint.save(out_dir, {**state, "model": self.module.state_dict(), "topology": self.topology(),
-                                  "optimizer_state": checkpoint.optimizer_state_by_name(self.module, self.optimizer),
-                                  "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state()})
+        """The same format as every path: one shard holding every tensor whole."""
+        shapes = {checkpoint.tensor_key("model", n): list(p.shape) for n, p in self._tensors("model")}
+        pieces = [(checkpoint.tensor_key("model", n), 0, p.detach().view(-1)) for n, p in self._tensors("model")]
+        for kind in checkpoint.MOMENTS:
+            for n, value in self._tensors(kind):
+                shapes[checkpoint.tensor_key(kind, n)] = list(value.shape)
+                pieces.append((checkpoint.tensor_key(kind, n), 0, value.view(-1)))
+        steps = [int(st["step"]) for st in self.optimizer.state.values() if "step" in st]
+        scale = None
+        if self.scaler.is_enabled():
+            scale = {"scale": self.scaler.get_scale(), "torch": self.scaler.state_dict()}
+        meta = {**state, "topology": self.topology(), "optimizer_step": steps[0] if steps else 0,
+                "loss_scale": scale, "tensors": shapes}
+        checkpoint.save(out_dir, meta, pieces, rank=0, keep_last=self.t.keep_last)
 
-    def load(self, out_dir: str, ckpt: dict | None = None) -> dict:
-        """Restore from `ckpt` (already read by the caller) or out_dir/ckpt.pt, saved by any engine."""
-        ckpt = ckpt if ckpt is not None else checkpoint.load(out_dir)
-        self.module.load_state_dict(ckpt["model"])  # copies into the parameters, on their device
-        checkpoint.load_optimizer_state_by_name(self.module, self.optimizer, ckpt["optimizer_state"])
-        if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        return ckpt
+    def _tensors(self, kind: str):
+        """(name, tensor) of the weights and router biases (kind "model"), or of an AdamW moment."""
+        if kind == "model":
+            yield from self.module.named_parameters()
+            yield from ((n, b) for n, b in self.module.named_buffers() if n.endswith("score_bias"))
+            return
+        for n, p in self.module.named_parameters():
+            if kind in self.optimizer.state.get(p, {}):
+                yield n, self.optimizer.state[p][kind]
+
+    @torch.no_grad()
+    def load(self, ckpt: checkpoint.Checkpoint) -> dict:
+        """Restore from a checkpoint saved by any engine at any topology; return its training state."""
+        for n, value in self._tensors("model"):
+            ckpt.read_into(checkpoint.tensor_key("model", n), 0, value.data.view(-1))
+        moments = ckpt.has(checkpoint.tensor_key(checkpoint.MOMENTS[0], next(n for n, _ in self._tensors("model"))))
+        for group in self.optimizer.param_groups if moments else ():
+            # torch keeps `step` as a float32 tensor: on the parameter's device for fused AdamW, else on the CPU.
+            for p in group["params"]:
+                step_device = p.device if group.get("fused") else "cpu"
+                state = {"step": torch.tensor(float(ckpt.meta["optimizer_step"]), device=step_device)}
+                for kind in checkpoint.MOMENTS:
+                    state[kind] = torch.empty_like(p)
+                    ckpt.read_into(checkpoint.tensor_key(kind, self._name(p)), 0, state[kind].view(-1))
+                self.optimizer.state[p] = state
+        scale = ckpt.meta.get("loss_scale")
+        if scale is not None and self.scaler.is_enabled():  # from another engine: its scale only
+            self.scaler.load_state_dict(scale.get("torch", {**self.scaler.state_dict(), "scale": scale["scale"]}))
+        rng = ckpt.rng(0)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        return ckpt.meta
+
+    def _name(self, p) -> str:
+        if not hasattr(self, "_names"):
+            self._names = {id(q): n for n, q in self.module.named_parameters()}
+        return self._names[id(p)]
 
 
 class Diverged(Exception):
@@ -249,15 +288,15 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     metrics.check_sinks(t)
     data_dir = resolve_data_dir(t.dataset, t.data_dir)
     check_data(data_dir, m.block_size)
+    rank = launch_env.process_rank(os.environ)
+    if not t.eval_only:
+        checkpoint.check_writable(t.out_dir, rank)
     ckpt = None
     if t.init_from == "resume":  # the checkpoint's model shape wins, as in nanoGPT, unless given otherwise
-        if launch_env.process_rank(os.environ) == 0:
-            checkpoint.remove_partial_save(t.out_dir)
-        ckpt = checkpoint.load(t.out_dir)
-        if "topology" not in ckpt:
-            raise ConfigError(f"{t.out_dir}/ckpt.pt has no topology record (written before checkpoints could be "
-                              "resharded); resume it with the nanomoe_ds that wrote it, or start again")
-        m = checkpoint.resume_model_config(ckpt["model_args"], m, given)
+        if rank == 0:
+            checkpoint.remove_partial_saves(t.out_dir)
+        ckpt = checkpoint.open_checkpoint(t.out_dir, t.resume_iter)  # the metadata; tensors are read by engine.load
+        m = checkpoint.resume_model_config(ckpt.meta["model_args"], m, given)
     model = build_model(m, t)
     check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
@@ -265,7 +304,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     if t.activation_checkpointing:
         checkpoint_blocks_(model)
     flops_per_token = model.flops_per_token()  # before experts are sharded: the whole model's active params
-    if launch_env.process_rank(os.environ) == 0:
+    if rank == 0:
         print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, "
               f"{model.get_num_params(active=True) / 1e6:.2f}M active per token", flush=True)
     if engine_factory is None:
@@ -275,7 +314,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
         engine = engine_factory(model, t)
     start_iter, best_val, train_s = 0, 1e9, 0.0
     if t.init_from == "resume":
-        state = engine.load(t.out_dir, ckpt)
+        state = engine.load(ckpt)
         start_iter, best_val = state["iter_num"], state["best_val_loss"]
         train_s = state.get("train_s", 0.0)  # absent from checkpoints written before it was recorded
     if engine.rank == 0:
@@ -310,9 +349,8 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
         while True:
             lr = get_lr(iter_num, t)
             if iter_num % t.eval_interval == 0:
-                # may_save: not before this process has trained. A resumed run would otherwise rewrite
-                # the checkpoint it just loaded (under DeepSpeed, the iter_N/ files ckpt.pt points at,
-                # in place), where a kill would leave the only checkpoint half-written.
+                # may_save: not before this process has trained. A resumed run would otherwise save
+                # again the checkpoint it just loaded: wasted I/O, and a replace of iter_N/ itself.
                 best_val = evaluate_and_save(engine, batches, t, log, iter_num, best_val, tokens_per_iter, result,
                                              train_s, may_save=local_iter > 0)
             if t.eval_only or iter_num > t.max_iters:
@@ -393,6 +431,11 @@ def save(engine: Engine, t: TrainConfig, iter_num: int, best_val: float, train_s
     model_cfg = engine.module.config
     engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val, "train_s": train_s,
                             "model_args": asdict(model_cfg), "config": to_dict(model_cfg, t)})
+
+
+def restore(engine: Engine, out_dir: str, iteration: int = -1) -> dict:
+    """Load the newest committed checkpoint in out_dir (or iter_`iteration`) into the engine; return its state."""
+    return engine.load(checkpoint.open_checkpoint(out_dir, iteration))
 
 
 def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list[int], iter_num: int, lr: float,

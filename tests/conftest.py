@@ -43,6 +43,14 @@ def tiny_args(data_dir: Path, out_dir: Path, **over) -> list[str]:
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+def read_checkpoint(out_dir: Path) -> dict:
+    """The newest checkpoint in out_dir: its metadata, and `model` as whole fp32 tensors by name."""
+    from nanomoe_ds import checkpoint
+    ck = checkpoint.open_checkpoint(str(out_dir))
+    model = {key.split("/", 1)[1]: ck.whole(key) for key in ck.meta["tensors"] if key.startswith("model/")}
+    return {**ck.meta, "model": model}
+
+
 def wandb_history(out_dir: Path) -> tuple[list[dict], bool]:
     """(history rows, whether the run was finished) from the offline run file under out_dir/wandb.
 

@@ -102,18 +102,44 @@ def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, char_dat
     run_at(topology, char_data, out, tmp_path, max_iters=3, init_from="resume")  # eval at 3, train 3, stop
     resumed = [json.loads(line) for line in open(out / "metrics.jsonl").readlines()[before_rows:]]
     assert [(r["iter"], "val_loss" in r) for r in resumed] == [(3, True), (3, False)]
-    assert digests() == before  # ckpt.pt and DeepSpeed's iter_3/ files, byte for byte
+    assert digests() == before  # every file of iter_3/, byte for byte
 
 
-def test_checkpoint_records_topology(saved):
+def test_each_rank_writes_its_share_once(saved):
+    """Two ranks, ZeRO-2, ep_size 2: two shards of about equal size that hold every element once."""
     at3, _ = saved("w2ep2-zero2")
-    ck = torch.load(at3 / "ckpt.pt", weights_only=False)
-    assert ck["topology"] == {"engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 2,
-                              "dtype": "float32"}
-    assert ck["model"]["transformer.h.0.mlp.experts.w_in"].shape[0] == 4  # whole tensors: every expert
-    moments = ck["optimizer_state"]["moments"]["transformer.h.0.mlp.experts.w_in"]
-    assert moments["exp_avg"].shape[0] == 4 and moments["exp_avg_sq"].abs().sum() > 0
-    assert ck["optimizer_state"]["step"] == 3
+    ck = checkpoint.open_checkpoint(str(at3))
+    assert ck.meta["topology"] == {"engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 2,
+                                   "dtype": "float32"}
+    assert ck.shape("model/transformer.h.0.mlp.experts.w_in")[0] == 4  # the whole tensor's shape: every expert
+    assert ck.whole("exp_avg_sq/transformer.h.0.mlp.experts.w_in").abs().sum() > 0
+    assert ck.meta["optimizer_step"] == 3
+    elements = sum(int(torch.tensor(shape).prod()) for shape in ck.meta["tensors"].values())
+    shards = sorted(at3.glob("iter_3/shard_*.bin"))
+    assert [p.name for p in shards] == ["shard_00000.bin", "shard_00001.bin"]
+    sizes = [p.stat().st_size for p in shards]
+    assert sum(sizes) == 4 * elements  # the state, once: no second copy of it
+    assert abs(sizes[0] - sizes[1]) < 0.1 * sum(sizes)  # split evenly (rank 0 also has the router biases)
+    assert not list(at3.glob("iter_3/*.pt")) or all(p.name.startswith("rng_") for p in at3.glob("iter_3/*.pt"))
+
+
+@pytest.mark.parametrize("source", ["local", "w2ep2-zero2"])
+def test_export_writes_one_file_that_resumes_as_an_older_versions_checkpoint(saved, char_data, tmp_path, source):
+    """launch/export.py writes whole tensors by name; as a run's ckpt.pt (the single-file format before
+    sharding) it resumes, and takes the same next steps as the sharded checkpoint it came from."""
+    at3, continued = saved(source)
+    (tmp_path / "run").mkdir()
+    shutil.copy(at3 / "metrics.jsonl", tmp_path / "run")
+    r = subprocess.run([sys.executable, "launch/export.py", str(at3), str(tmp_path / "run" / "ckpt.pt")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(f"wrote {tmp_path / 'run' / 'ckpt.pt'}: iteration 3"), r.stderr
+    exported = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert exported["model"]["transformer.h.0.mlp.experts.w_in"].shape[0] == 4  # whole: every expert
+    run_at(source, char_data, tmp_path / "run", tmp_path, max_iters=6, init_from="resume")
+    resumed = train_rows(tmp_path / "run")[-4:]
+    for a, b in zip(resumed, continued):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert checkpoint.open_checkpoint(str(tmp_path / "run")).name == "iter_6"  # saved in the sharded format
 
 
 # ------------------------------------------------------------ compatibility and corruption, in-process
@@ -141,19 +167,46 @@ def test_resume_keeps_the_checkpoints_activation():
     assert checkpoint.resume_model_config(saved_args, GPTConfig(activation="gelu_tanh"), set()).activation == "gelu"
 
 
-def test_truncated_checkpoint_is_one_line_error(char_data, tmp_path):
-    model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=3))
+def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offered(char_data, tmp_path):
+    """Low bits flipped in one record (the value barely changes: only the checksum can tell) and a truncated
+    shard: resume and sample.py refuse in one line naming the file; --resume_iter takes the previous one."""
+    model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3))
     train(model_cfg, train_cfg)
-    data = (tmp_path / "ckpt.pt").read_bytes()
-    (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "ckpt.pt.tmp").write_bytes(b"left by a killed save")
-    for script in (["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume")],
-                   ["launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu"]):
+    shard = tmp_path / "iter_6" / "shard_00000.bin"
+    data = bytearray(shard.read_bytes())
+    records = checkpoint.open_checkpoint(str(tmp_path)).meta["records"]
+    _, _, numel, _, position, _ = max((r for r in records if r[0].startswith("model/")), key=lambda r: r[2])
+    data[position + 4 * (numel // 2)] ^= 0x01  # the lowest mantissa bit of one weight (sample.py reads weights)
+    shard.write_bytes(bytes(data))
+    (tmp_path / "iter_9.partial").mkdir()  # left by a killed save: removed on resume
+    expected = (f"error: {shard} is corrupt (checksum mismatch at byte ")
+    offer = "the previous checkpoint iter_3 is still there: resume from it with --init_from=resume --resume_iter=3\n"
+    for script in (["launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--max_new_tokens=2"],
+                   ["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume", max_iters=6)]):
         r = subprocess.run([sys.executable, *script], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
-        assert r.stderr.startswith(f"error: cannot read {tmp_path / 'ckpt.pt'}: it is truncated or corrupt (")
+        assert r.stderr.startswith(expected) and r.stderr.endswith(offer), r.stderr
         assert r.stderr.count("\n") == 1, r.stderr
-    assert not (tmp_path / "ckpt.pt.tmp").exists()  # cleaned up
+    assert not (tmp_path / "iter_9.partial").exists()
+    shard.write_bytes(bytes(data[: len(data) // 3]))  # truncated: the same line
+    r = subprocess.run([sys.executable, "launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu",
+                        "--max_new_tokens=2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
+                                                                      resume_iter=3, max_iters=4)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 3: train loss" in r.stdout
+
+
+def test_resume_iter_names_a_committed_checkpoint(char_data, tmp_path):
+    model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=3, eval_interval=3))
+    train(model_cfg, train_cfg)
+    with pytest.raises(ConfigError, match=r"^.* has no committed checkpoint iter_5 \(committed iterations: 3\)$"):
+        train(*from_argv(tiny_args(char_data, tmp_path, init_from="resume", resume_iter=5)))
+    with pytest.raises(ConfigError, match="^resume_iter=3 picks a checkpoint to resume; it needs --init_from=resume$"):
+        from_argv(tiny_args(char_data, tmp_path, resume_iter=3))
 
 
 def test_cli_resume_with_another_shape_is_refused(char_data, tmp_path):
@@ -168,7 +221,7 @@ def test_cli_resume_with_another_shape_is_refused(char_data, tmp_path):
 
 # ------------------------------------------------------------ faults, with real processes
 def digest(out_dir) -> dict:
-    """What a resume would read: ckpt.pt, latest and the DeepSpeed directories, by content hash."""
+    """What a resume would read: every checkpoint's files, by content hash."""
     import hashlib
     files = [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != "metrics.jsonl"]
     return {str(p.relative_to(out_dir)): hashlib.sha1(p.read_bytes()).hexdigest() for p in files}
@@ -189,7 +242,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path
     line = res[0].stderr.strip().splitlines()[-1]
     prefix = "error: rank 0: " if ranks > 1 else "error: "  # a multi-rank job's lines name their rank
     assert line.startswith(prefix + "non-finite loss (nan) at iteration 4: training stopped and nothing of it was saved")
-    assert digest(tmp_path / "run") == before  # ckpt.pt, latest and every iter_N file untouched
+    assert digest(tmp_path / "run") == before  # every iter_N file untouched
 
 
 @pytest.mark.parametrize("topology, signal_rank", [("local", 0), ("w2ep2-zero2", 1)])
@@ -245,11 +298,112 @@ def test_kill_during_saves_then_resume_from_newest_complete(char_data, tmp_path,
         for p in procs:
             p.kill()
             p.communicate()
-    committed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["iter_num"]
+    committed = checkpoint.open_checkpoint(str(tmp_path / "run")).meta["iter_num"]
     resume = [a if not a.startswith("--max_iters") else f"--max_iters={committed + 1}" for a in args]
     res = run_ranks(2, [*resume, "--init_from=resume"])
     assert [r.returncode for r in res] == [0, 0], res[0].stderr[-3000:]
-    assert f"resuming from iter_{committed} (DeepSpeed's files, same topology)" in res[0].stdout
-    assert not (tmp_path / "run" / "ckpt.pt.tmp").exists()
+    assert f"resuming iteration {committed} from {tmp_path / 'run' / f'iter_{committed}'} (same topology)" \
+        in res[0].stdout
     dirs = sorted(p.name for p in (tmp_path / "run").glob("iter_*"))
-    assert len(dirs) <= OVER.get("keep_last", 2), dirs  # pruned, incomplete ones included
+    assert len(dirs) <= OVER.get("keep_last", 2) and not any(d.endswith(".partial") for d in dirs), dirs
+
+
+# ------------------------------------------------------------ full and read-only disks, on a real tmpfs
+def in_mount_namespace(script: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run a bash script in a mount namespace of its own (root here), so that it can mount a small tmpfs."""
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-euc", script], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(char_data, tmp_path):
+    """The tiny model's checkpoint is ~1 MiB: a 1.6 MiB tmpfs holds the one at iteration 3, not the one at 6."""
+    mnt, res = tmp_path / "mnt", tmp_path / "res"
+    mnt.mkdir()
+    res.mkdir()
+    train = f"{sys.executable} launch/train.py " + " ".join(tiny_args(char_data, mnt / "run", max_iters=6))
+    in_mount_namespace(f"""
+        mount -t tmpfs -o size=1600k tmpfs {mnt}
+        {train} > {res}/out1 2> {res}/err1 && echo 0 > {res}/rc1 || echo $? > {res}/rc1
+        ls -a {mnt}/run > {res}/ls1
+        mount -o remount,size=8m {mnt}
+        {train} --init_from=resume --max_iters=7 > {res}/out2 2> {res}/err2 && echo 0 > {res}/rc2 || echo $? > {res}/rc2
+        mount -o remount,ro {mnt}
+        {train} --out_dir={mnt}/new > {res}/out3 2> {res}/err3 && echo 0 > {res}/rc3 || echo $? > {res}/rc3
+    """, tmp_path)
+    read = {name: (res / name).read_text() for name in ("rc1", "err1", "ls1", "rc2", "err2", "out2", "rc3", "err3")}
+    assert read["rc1"].strip() == "2", read["err1"][-2000:]
+    assert read["err1"].startswith(f"error: cannot save the checkpoint of iteration 6: {mnt / 'run' / 'iter_6.partial'}"
+                                   f"/shard_00000.bin: no space left on device (this rank's share needs "), read["err1"]
+    assert read["err1"].endswith("; the last committed checkpoint, iter_3, is intact; free space or choose another "
+                                 "--out_dir, then continue with --init_from=resume\n")
+    assert read["err1"].count("\n") == 1
+    assert read["ls1"].split() == [".", "..", "iter_3", "metrics.jsonl"]  # no temporary file left behind
+    assert read["rc2"].strip() == "0", read["err2"][-2000:]
+    assert "step 3: train loss" in read["out2"] and "step 6: train loss" in read["out2"]
+    assert read["rc3"].strip() == "2"
+    assert read["err3"] == (f"error: out_dir '{mnt / 'new'}' is not writable (read-only file system): checkpoints and "
+                            "metrics go there; choose another --out_dir\n")
+
+
+# ------------------------------------------------------------ memory: a rank holds its share, never the whole
+def test_no_rank_holds_more_than_its_share_during_a_save_or_a_resharded_load(tmp_path):
+    """Real ranks (launch/bench/bench_ckpt.py's): a 19M-parameter MoE saved at 2 ranks (ZeRO-2, ep_size 2) and
+    loaded at 4. Each rank's resident memory may grow by at most 1.25x its share of the state (12 bytes per
+    parameter / world) plus 24 MiB; gathering whole tensors, as the format before this one did, adds the whole
+    state (226 MiB) to every rank and fails this."""
+    r = subprocess.run([sys.executable, "launch/bench/bench_ckpt.py", "--worlds", "2", "--load_worlds", "4",
+                        "--json", str(tmp_path / "runs.json"), "--timeout", "400", "--n_layer=2", "--n_embd=384",
+                        "--n_head=4", "--vocab_size=512"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [(op, len(ranks)) for op, ranks in runs] == [("save", 2), ("load 2->4", 4)]
+    for op, ranks in runs:
+        for rank in ranks:
+            share = rank["share_bytes"] / 2**20
+            assert rank["added_peak_mib"] <= 1.25 * share + 24, (op, rank["rank"], rank["added_peak_mib"], share)
+    assert runs[0][1][0]["state_bytes"] > 200 * 2**20  # large enough that the whole state would not fit the bound
+    assert runs[0][1][0]["bytes_written"] <= 1.01 * runs[0][1][0]["state_bytes"] + 2**20  # the state, written once
+
+
+# ------------------------------------------------------------ fp16: the loss scale travels with the checkpoint
+def set_saved_loss_scale(out_dir, scale: float):
+    """Stand in for a run whose scaler lowered the scale after overflows: rewrite the newest checkpoint's."""
+    path = checkpoint.open_checkpoint(str(out_dir)).directory / checkpoint.METADATA
+    meta = json.loads(path.read_text())
+    meta["loss_scale"]["scale"] = scale
+    if "torch" in meta["loss_scale"]:
+        meta["loss_scale"]["torch"]["scale"] = scale
+    path.write_text(json.dumps(meta))
+
+
+def test_the_fp16_loss_scale_survives_a_resume(char_data, tmp_path, monkeypatch):
+    """torch computes fp16 on any CPU, so forcing the capability makes this hold everywhere (as test_precision)."""
+    from nanomoe_ds import precision
+    monkeypatch.setattr(precision, "supports", lambda kind: precision.Support(bfloat16=True, float16=True))
+    train(*from_argv(tiny_args(char_data, tmp_path, dtype="float16", max_iters=3)))
+    set_saved_loss_scale(tmp_path, 1024.0)
+    train(*from_argv(tiny_args(char_data, tmp_path, dtype="float16", max_iters=6, init_from="resume")))
+    assert checkpoint.open_checkpoint(str(tmp_path)).meta["loss_scale"]["scale"] == 1024.0  # not back to 2**16
+
+
+@pytest.mark.skipif(not __import__("nanomoe_ds.precision").precision.supports("cpu").float16,
+                    reason="DeepSpeed refuses fp16 on a CPU without native fp16 (AVX512-FP16/AMX), e.g. an AMD EPYC")
+def test_the_fp16_loss_scale_survives_a_resharded_deepspeed_resume(char_data, tmp_path):
+    """DeepSpeed fp16 at 2 ranks, ZeRO-2, ep_size 2, resumed at ep_size 1: DeepSpeed's scaler continues at the saved
+    scale (before the sharded format it restarted at 2**16)."""
+    ds = str(tmp_path / "fp16.json")
+    cfg = json.loads(open(ds_json(tmp_path, "zero2")).read())
+    cfg.pop("bf16", None)
+    cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    open(ds, "w").write(json.dumps(cfg))
+    args = ["--deepspeed_config", ds, *tiny_args(char_data, tmp_path / "run", **{**OVER, "max_iters": 3})]
+    for r in run_ranks(2, [*args, "--ep_size=2"]):
+        assert r.returncode == 0, r.stderr[-2000:]
+    set_saved_loss_scale(tmp_path / "run", 1024.0)
+    resume = [a if not a.startswith("--max_iters") else "--max_iters=6" for a in args]
+    res = run_ranks(2, [*resume, "--init_from=resume", "--ep_size=1"])
+    assert [r.returncode for r in res] == [0, 0], res[0].stderr[-2000:]
+    assert "resharded from deepspeed world 2, ep_size 2" in res[0].stdout
+    assert checkpoint.open_checkpoint(str(tmp_path / "run")).meta["loss_scale"]["scale"] == 1024.0

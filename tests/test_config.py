@@ -25,7 +25,8 @@ def test_seed_keys_and_presets_load(tmp_path):
         argv = [str(p)]
         if config.load_preset(str(p)).get("init_from", "").startswith("out-"):  # starts from a run of ours:
             (tmp_path / "run").mkdir(exist_ok=True)                             # stand one in
-            (tmp_path / "run" / "ckpt.pt").touch()
+            (tmp_path / "run" / "iter_1").mkdir(exist_ok=True)
+            (tmp_path / "run" / "iter_1" / "metadata.json").touch()
             argv.append(f"--init_from={tmp_path / 'run'}")
         from_argv(argv)  # every shipped preset is valid
 
@@ -99,7 +100,7 @@ def write_hf_dir(path, model_type="gpt2", weights=True):
 @pytest.mark.parametrize("make, msg", [
     (lambda d: write_hf_dir(d, "bert"), "holds a Hugging Face 'bert' model; only GPT-2 (model_type gpt2) can be loaded"),
     (lambda d: write_hf_dir(d, weights=False), "has a GPT-2 config.json but no weights"),
-    (lambda d: d.mkdir() or str(d), "is a directory with neither a run of ours (ckpt.pt) nor a Hugging Face GPT-2"),
+    (lambda d: d.mkdir() or str(d), "is a directory with neither a run of ours (iter_N/metadata.json) nor a Hugging Face GPT-2"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("[1]"))[0] or str(d), "config.json' is not a readable JSON"),
 ])
 def test_local_directories_are_checked_before_loading(tmp_path, make, msg):
@@ -111,8 +112,15 @@ def test_local_directories_are_checked_before_loading(tmp_path, make, msg):
 
 def test_local_sources_are_recognised(tmp_path):
     assert config.init_source(write_hf_dir(tmp_path / "hf")) == "hf"
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "ckpt.pt").touch()
+    (tmp_path / "run" / "iter_1.partial").mkdir(parents=True)  # a save in progress: not a checkpoint yet
+    (tmp_path / "run" / "iter_1.partial" / "metadata.json").touch()
+    with pytest.raises(ConfigError, match="neither a run of ours"):
+        config.init_source(str(tmp_path / "run"))
+    (tmp_path / "run" / "ckpt.pt").touch()  # an older version's single-file checkpoint
+    assert config.init_source(str(tmp_path / "run")) == "run"
+    (tmp_path / "run" / "ckpt.pt").unlink()
+    (tmp_path / "run" / "iter_3").mkdir()
+    (tmp_path / "run" / "iter_3" / "metadata.json").touch()
     assert config.init_source(str(tmp_path / "run")) == "run"
     with pytest.raises(ConfigError, match="^init_from and out_dir are the same directory .* would overwrite its source"):
         from_argv([f"--init_from={tmp_path / 'run'}", f"--out_dir={tmp_path / 'run'}"])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tensorboard_scalars, tiny_args, wandb_history
+from conftest import REPO, read_checkpoint, tensorboard_scalars, tiny_args, wandb_history
 from dist_utils import ds_json, free_port, loopback_env, run_ranks, train_rows
 
 from nanomoe_ds.config import from_argv
@@ -23,7 +23,7 @@ def run_ds(ranks, tmp_path, char_data, out, json_path, **over):
     res = run_ranks(ranks, ["--deepspeed_config", json_path, *tiny_args(char_data, tmp_path / out, **{**COMMON, **over})])
     for r in res:
         assert r.returncode == 0, r.stderr[-3000:]
-    return train_rows(tmp_path / out), torch.load(tmp_path / out / "ckpt.pt", weights_only=False)
+    return train_rows(tmp_path / out), read_checkpoint(tmp_path / out)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def single(char_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     m, t = from_argv(tiny_args(char_data, out, **COMMON))
     train(m, t)
-    return train_rows(out), torch.load(out / "ckpt.pt", weights_only=False)
+    return train_rows(out), read_checkpoint(out)
 
 
 def assert_same_run(a, b, rel, weight_atol):
@@ -74,7 +74,7 @@ def test_four_ranks_two_expert_groups_match_one_device(char_data, tmp_path):
     the same numbers as one device with gradient_accumulation_steps=4."""
     m, t = from_argv(tiny_args(char_data, tmp_path / "one", **{**COMMON, "gradient_accumulation_steps": 4}))
     train(m, t)
-    one = train_rows(tmp_path / "one"), torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    one = train_rows(tmp_path / "one"), read_checkpoint(tmp_path / "one")
     four = run_ds(4, tmp_path, char_data, "four", ds_json(tmp_path, "zero2"), ep_size=2)
     assert_same_run(one, four, rel=1e-5, weight_atol=1e-5)
 
@@ -84,7 +84,7 @@ def test_capacity_limited_exchange_ep2(char_data, tmp_path):
     over = dict(capacity_factor=0.8, gate="sigmoid", num_shared_experts=1, expert_act="swiglu")
     m, t = from_argv(tiny_args(char_data, tmp_path / "one", **{**COMMON, **over}))
     train(m, t)
-    one = train_rows(tmp_path / "one"), torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    one = train_rows(tmp_path / "one"), read_checkpoint(tmp_path / "one")
     assert one[0][0]["moe"][0]["drop_frac"] > 0.05
     dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, **over)
     assert_same_run(one, dist, rel=1e-5, weight_atol=1e-5)
@@ -98,7 +98,7 @@ def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path, keep_s
     args = tiny_args(char_data, tmp_path / "one", **COMMON, zero_single_rank_as_stage0=not keep_stage)
     (res,) = run_ranks(1, ["--deepspeed_config", ds_json(tmp_path, "zero2"), *args])
     assert res.returncode == 0, res.stderr[-3000:]
-    dist = train_rows(tmp_path / "one"), torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    dist = train_rows(tmp_path / "one"), read_checkpoint(tmp_path / "one")
     assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
     assert dist[1]["topology"]["zero_stage"] == (2 if keep_stage else 0)  # what ran is what the checkpoint says
     note = "note: ZeRO-2 on 1 rank partitions nothing; running ZeRO-0"
@@ -153,9 +153,8 @@ def test_checkpoint_round_trip_ep2_zero2(char_data, tmp_path):
     over = dict(max_iters=6, eval_interval=3, ep_size=2)
     full, _ = run_ds(2, tmp_path, char_data, "full", cfg, **over)
     run_ds(2, tmp_path, char_data, "part", cfg, **{**over, "max_iters": 3})
-    files = sorted(p.name for p in (tmp_path / "part" / "iter_3").iterdir())
-    experts = [f for f in files if f.startswith("layer_")]
-    assert len(experts) == 2 * COMMON["num_experts"]  # 2 MoE layers x 4 experts: both ranks' experts saved
+    shards = sorted(p.name for p in (tmp_path / "part" / "iter_3").glob("shard_*"))
+    assert shards == ["shard_00000.bin", "shard_00001.bin"]  # each rank wrote its share
     resumed, ck = run_ds(2, tmp_path, char_data, "part", cfg, **{**over, "init_from": "resume"})
     # metrics.jsonl of "part" now holds iters 0-3 then the resumed 3-6
     tail = [r for r in resumed if r["iter"] >= 3][-4:]
@@ -268,4 +267,4 @@ def test_deepspeed_launcher_two_ranks(char_data, tmp_path):
     assert "tokens per iteration: 256" in r.stdout  # 4 x 2 x block 32
     rows = train_rows(tmp_path)
     assert [row["iter"] for row in rows] == [0, 1, 2]
-    assert (tmp_path / "iter_2" / "layer_0_expert_3_mp_rank_00_model_states.pt").exists()
+    assert (tmp_path / "iter_2" / "shard_00001.bin").exists()

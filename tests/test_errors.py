@@ -150,15 +150,15 @@ ROWS = [
     Row("train", "<tiny> --data_dir=<tmp>/data", "<tmp>/data/train.bin holds token id 70, but vocab_size is 65",
         "a tokens.json whose largest id has no row in the embedding (it is trusted: the .bin files are not read)",
         files=(("data/tokens.json", TOKENS_MAX_70),), copy_data=True),
-    Row("train", "<tiny> --init_from=resume", "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir",
+    Row("train", "<tiny> --init_from=resume", "no checkpoint in <tmp> (no iter_N/metadata.json); train first, or check --out_dir",
         "resuming where nothing was saved"),
     # ------------------------------------------------ init_from: what to start from (checked before loading)
     Row("train", "<tiny> --init_from=gpt3",
         "unknown init_from 'gpt3'; expected scratch, resume, a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
         "distilgpt2, or openai-community/ forms), a local Hugging Face GPT-2 directory, or the out_dir of a run of ours "
-        "(holding ckpt.pt)", "a name that is not a listed GPT-2 nor a directory"),
+        "(holding iter_N/metadata.json)", "a name that is not a listed GPT-2 nor a directory"),
     Row("train", "<tiny> --init_from=<tmp>/src",
-        "init_from '<tmp>/src' is a directory with neither a run of ours (ckpt.pt) nor a Hugging Face GPT-2 "
+        "init_from '<tmp>/src' is a directory with neither a run of ours (iter_N/metadata.json) nor a Hugging Face GPT-2 "
         "(config.json)", "a directory holding no model", files=(("src/notes.txt", "x"),)),
     Row("train", "<tiny> --init_from=<tmp>/bert",
         "init_from '<tmp>/bert' holds a Hugging Face 'bert' model; only GPT-2 (model_type gpt2) can be loaded",
@@ -212,7 +212,7 @@ ROWS = [
         "checkpoints every block (n_layer=2)", "checkpointing only some blocks",
         files=(("ds.json", '{"activation_checkpointing": {"number_checkpoints": 1}}'),), one_rank=True),
     Row("train", "<tiny> --deepspeed_config=ds_configs/zero2.json --init_from=resume",
-        "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir", "resuming where DeepSpeed saved nothing",
+        "no checkpoint in <tmp> (no iter_N/metadata.json); train first, or check --out_dir", "resuming where DeepSpeed saved nothing",
         one_rank=True),
     # ------------------------------------------------ launch/sample.py
     Row("sample", "--temperature=0", "--temperature must be a positive number, got 0.0",
@@ -224,7 +224,7 @@ ROWS = [
     Row("sample", "--dtype=float8", "argument --dtype: invalid choice: 'float8'", "a dtype argparse does not offer"),
     Row("sample", "--top_k=all", "argument --top_k: invalid int value: 'all'", "a value of the wrong type"),
     Row("sample", "--temprature=1", "unrecognized arguments: --temprature=1", "an unknown argument"),
-    Row("sample", "--out_dir=<tmp> --device=cpu", "no checkpoint at <tmp>/ckpt.pt; train first, or check --out_dir",
+    Row("sample", "--out_dir=<tmp> --device=cpu", "no checkpoint in <tmp> (no iter_N/metadata.json); train first, or check --out_dir",
         "an out_dir with no checkpoint"),
     Row("sample", "--out_dir=<ckpt> --device=cpu --start=FILE:<tmp>/nope.txt",
         "--start=FILE:<tmp>/nope.txt: cannot read it as UTF-8 text (No such file or directory)",

@@ -189,9 +189,14 @@ def test_activation_is_followed_by_dense_shared_and_routed_mlps(activation):
     torch.testing.assert_close(dense_mlp(x), expected, rtol=0, atol=0)
 
 
-def test_checkpoints_from_before_the_activation_key_load_with_exact_gelu():
+def test_checkpoints_from_before_the_activation_key_load_with_exact_gelu(tmp_path):
+    """Such checkpoints are single-file ckpt.pt (the format before sharding): read through LegacyCheckpoint."""
     model = GPT(tiny())
     args = dataclasses.asdict(model.config)
     del args["activation"]
-    loaded = checkpoint.model_from_checkpoint({"model_args": args, "model": model.state_dict()}, dropout=0.1)
+    torch.save({"model_args": args, "model": model.state_dict(), "optimizer_state": {"step": 0, "moments": {}},
+                "topology": checkpoint.topology("local", 1, 1, None, "float32"), "rng": checkpoint.rng_state(),
+                "iter_num": 0}, tmp_path / "ckpt.pt")
+    loaded = checkpoint.model_from_checkpoint(checkpoint.open_checkpoint(str(tmp_path)), dropout=0.1)
     assert loaded.config.activation == "gelu" and loaded.config.dropout == 0.1
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
