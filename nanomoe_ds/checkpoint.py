@@ -92,13 +92,15 @@ SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias",
               "moe_every", "num_shared_experts", "expert_hidden", "expert_act", "activation")
 
 
-def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str]) -> GPTConfig:
-    """The model config to resume with: shape keys from the checkpoint, refusing any that was given otherwise."""
+def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str],
+                        asked: str = "init_from=resume") -> GPTConfig:
+    """The model config to resume with: shape keys from the checkpoint, refusing any that was given otherwise.
+    `asked` names what asked for the resume, for the refusal."""
     saved_args = {"activation": "gelu", **saved_args}  # saved before the key existed: exact GELU
     differ = [k for k in SHAPE_KEYS if k in given and getattr(model_cfg, k) != saved_args[k]]
     if differ:
         listed = ", ".join(f"{k}={getattr(model_cfg, k)} (checkpoint: {saved_args[k]})" for k in differ)
-        raise ConfigError(f"init_from=resume: {listed} contradict the checkpoint's model; drop them to resume, "
+        raise ConfigError(f"{asked}: {listed} contradict the checkpoint's model; drop them to resume, "
                           "or train a new model in another out_dir")
     return GPTConfig(**{**vars(model_cfg), **{k: saved_args[k] for k in SHAPE_KEYS}})
 
@@ -121,10 +123,10 @@ def write_shard(directory: Path, rank: int, pieces) -> dict:
     or {"error": one line} when the disk refused (the caller aborts the save on every rank).
     """
     shard = directory / f"shard_{rank:05d}.bin"
-    records, position = [], 0
-    pieces = list(pieces)
-    needed = sum(value.numel() * 4 for _, _, value in pieces)
+    records, position, needed = [], 0, None
     try:
+        pieces = list(pieces)
+        needed = sum(value.numel() * 4 for _, _, value in pieces)
         with open(shard, "wb") as f:
             per_record = RECORD_BYTES // 4
             for key, offset, value in pieces:
@@ -142,6 +144,8 @@ def write_shard(directory: Path, rank: int, pieces) -> dict:
         _fsync_file(rng_path)
     except OSError as e:
         return {"error": _disk_error(Path(e.filename) if e.filename else shard, e, needed)}
+    except Exception as e:  # not the disk: still an answer, or rank 0 would wait for this rank in the gather
+        return {"error": f"rank {rank}: {type(e).__name__}: {e}"}
     files = {shard.name: {"bytes": position}, rng_path.name: {"bytes": len(rng_bytes), "crc": zlib.crc32(rng_bytes)}}
     return {"records": records, "files": files}
 
@@ -175,39 +179,65 @@ def prepare_staging(out_dir: str, iter_num: int) -> str | None:
 
 
 def check_index(meta: dict):
-    """Every element of every tensor covered exactly once: a save that would lose state is not committed."""
-    covered: dict[str, int] = {}
-    for key, _, numel, *_ in meta["records"]:
-        covered[key] = covered.get(key, 0) + numel
+    """Every element of every tensor in exactly one record: sorted by offset, each record starts where the
+    previous one ended, and the last ends at the tensor's size. Raises ValueError naming the first flaw."""
+    ranges: dict[str, list] = {}
+    for key, offset, numel, *_ in meta["records"]:
+        ranges.setdefault(key, []).append((offset, numel))
     for key, shape in meta["tensors"].items():
-        if covered.get(key, 0) != int(np.prod(shape)):
-            raise RuntimeError(f"checkpoint index: {key} has {covered.get(key, 0)} of {int(np.prod(shape))} "
-                               "elements (a bug in the ownership of the state: nothing was committed)")
+        end, size = 0, int(np.prod(shape))
+        for offset, numel in sorted(ranges.pop(key, [])):
+            if offset != end:
+                raise ValueError(f"{key}: elements {min(offset, end)}-{max(offset, end)} are "
+                                 f"{'missing' if offset > end else 'in two records'}")
+            end += numel
+        if end != size:
+            raise ValueError(f"{key}: records cover {end} of its {size} elements")
+    if ranges:
+        raise ValueError(f"records of tensors the index does not list: {', '.join(sorted(ranges)[:3])}")
+
+
+def _canonical(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _discard(path: Path):
+    """Delete a committed checkpoint so that no kill leaves part of it looking committed: out of
+    committed()'s sight first (an atomic rename), then removed."""
+    trash = path.with_name(path.name + ".discard")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _install(out_dir: str, iter_num: int):
+    """Rename a complete iter_N.partial to iter_N. Checkpoints at N or newer (left by a run resumed from an
+    older one with --resume_iter) go first, so that "the newest" is always this run's."""
+    for it, path in committed(out_dir):
+        if it >= iter_num:
+            _discard(path)
+    os.replace(staging_dir(out_dir, iter_num), Path(out_dir) / f"iter_{iter_num}")
+    _fsync_dir(Path(out_dir))
 
 
 def commit(out_dir: str, iter_num: int, meta: dict, keep_last: int) -> str | None:
-    """Rank 0, after every rank wrote its shard: write the metadata, rename iter_N.partial to iter_N.
+    """Rank 0, after every rank wrote its shard: write the metadata into iter_N.partial, then install it.
 
-    Returns None, or one line when the disk refused (the previous checkpoint is untouched).
-    Newer checkpoints than this one (left by a run resumed from an older one with
-    --resume_iter) are removed first, so that "the newest" is always this run's.
+    The metadata's atomic write is the commit point: a staging directory that holds it is
+    complete (its shards were on disk before it was written), so a kill before the rename
+    is finished by the next resume (recover_partial_saves). Returns None, or one line when
+    the disk refused (the previous checkpoint is untouched).
     """
     check_index(meta)
-    staging, final = staging_dir(out_dir, iter_num), Path(out_dir) / f"iter_{iter_num}"
+    staging = staging_dir(out_dir, iter_num)
     path = staging / METADATA
     try:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
+        tmp.write_bytes(json.dumps({**meta, "crc32": zlib.crc32(_canonical(meta))}).encode())
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(staging)
-        for it, older in committed(out_dir):
-            if it > iter_num:
-                shutil.rmtree(older)
-        if final.exists():  # the same iteration saved again (after --resume_iter): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync_dir(Path(out_dir))
+        _install(out_dir, iter_num)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         return _disk_error(Path(e.filename) if e.filename else path, e)
@@ -225,19 +255,36 @@ def committed(out_dir: str) -> list[tuple[int, Path]]:
 
 
 def prune(out_dir: str, keep_last: int):
-    """Keep the newest `keep_last` committed checkpoints; remove the rest and any staging directory."""
+    """Keep the newest `keep_last` committed checkpoints; remove the rest, and leftovers of removals."""
     for _, path in committed(out_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-    for path in Path(out_dir).glob("iter_*.partial"):
-        shutil.rmtree(path, ignore_errors=True)
+        _discard(path)
+    for path in [*Path(out_dir).glob("iter_*.discard"), *Path(out_dir).glob("iter_*.partial")]:
+        shutil.rmtree(path, ignore_errors=True)  # the saving run holds the lock: these are left by killed ones
 
 
-def remove_partial_saves(out_dir: str):
-    """Delete staging directories left by a killed save. Only the run that owns out_dir calls it (on
-    resume): a reader (sample.py, init_from) must not, as the run may be writing one right now."""
-    for path in Path(out_dir).glob("iter_*.partial"):
+def recover_partial_saves(out_dir: str):
+    """On resume, by the run that owns out_dir (it holds the run lock), before choosing a checkpoint:
+    finish a save whose metadata was written (committed) but not yet renamed; delete the rest of
+    what a killed save or removal left. A reader (sample.py, init_from) must not: a run may be saving."""
+    for path in sorted(Path(out_dir).glob("iter_*.partial")):
+        it = path.name[5:-len(".partial")]
+        if it.isdigit() and _read_metadata(path / METADATA) is not None:
+            _install(out_dir, int(it))
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in Path(out_dir).glob("iter_*.discard"):
         shutil.rmtree(path, ignore_errors=True)
     (Path(out_dir) / CKPT_NAME).with_suffix(".pt.tmp").unlink(missing_ok=True)  # an older version's
+
+
+def _read_metadata(path: Path) -> dict | None:
+    """A metadata file whose checksum holds, or None."""
+    try:
+        meta = json.loads(path.read_bytes())
+        crc = meta.pop("crc32")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return meta if zlib.crc32(_canonical(meta)) == crc else None
 
 
 def check_writable(out_dir: str, rank: int):
@@ -277,12 +324,17 @@ class Checkpoint:
         end = start + out.numel()
         if key not in self._by_key or end > int(np.prod(self.shape(key))):
             raise CheckpointError(f"{self.directory}: holds no {key}[{start}:{end}]; it was saved by another model")
+        copied = 0
         for record in self._by_key[key]:
             _, offset, numel, *_ = record
             lo, hi = max(start, offset), min(end, offset + numel)
             if lo < hi:
                 data = self._record(record)
                 out[lo - start:hi - start].copy_(torch.from_numpy(data[lo - offset:hi - offset]))
+                copied += hi - lo
+        if copied != out.numel():  # check_index makes this impossible; never hand back uninitialised memory
+            raise CheckpointError(f"{self.directory}: the index covers {copied} of {key}[{start}:{end}]; "
+                                  f"{self.fallback()}")
 
     def whole(self, key: str) -> torch.Tensor:
         """A whole tensor, fp32 on the CPU (for consolidating: sampling, export)."""
@@ -315,7 +367,10 @@ class Checkpoint:
         info = self.meta["files"].get(path.name)
         if info is None:
             return None
-        data = path.read_bytes() if path.exists() else b""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = b""  # missing or unreadable: the checksum below says so
         if zlib.crc32(data) != info["crc"]:
             raise CheckpointError(f"{path} is corrupt (checksum mismatch); {self.fallback()}")
         import io
@@ -389,14 +444,18 @@ def open_checkpoint(out_dir: str, iteration: int = -1) -> Checkpoint:
         return LegacyCheckpoint(Path(out_dir) / CKPT_NAME)
     else:
         raise ConfigError(f"no checkpoint in {out_dir} (no iter_N/{METADATA}); train first, or check --out_dir")
-    try:
-        meta = json.loads((directory / METADATA).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {directory / METADATA}: {e}; restore it from a copy, or resume from "
-                              "an older iter_N with --resume_iter") from None
+    meta = _read_metadata(directory / METADATA)
+    if meta is None:
+        raise CheckpointError(f"{directory / METADATA} is unreadable or fails its checksum; restore it from a copy, "
+                              "or resume from an older iter_N with --resume_iter")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{directory / METADATA} has format {meta.get('format')}, this nanomoe_ds reads "
                               f"{FORMAT_VERSION}; use the version that wrote it")
+    try:
+        check_index(meta)
+    except ValueError as e:
+        raise CheckpointError(f"{directory / METADATA} is inconsistent ({e}); resume from an older iter_N "
+                              "with --resume_iter") from None
     return Checkpoint(directory, meta)
 
 

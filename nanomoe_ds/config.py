@@ -100,8 +100,9 @@ class TrainConfig:
     always_save_checkpoint: bool = True
     keep_last: int = 2  # committed checkpoints (iter_N/) kept: the newest and one before it, to fall back on
     resume_iter: int = -1  # init_from=resume: the newest committed checkpoint (-1), or iter_N for N
-    # scratch | resume | a GPT-2 name (HF_GPT2_NAMES) | a local HF GPT-2 dir | the out_dir of a dense run.
-    # A dense source with use_moe=True is upcycled (upcycle.py).
+    # scratch | resume | auto (resume if out_dir holds a checkpoint, else scratch: one command for the first
+    # start and every restart) | a GPT-2 name (HF_GPT2_NAMES) | a local HF GPT-2 dir | the out_dir of a dense
+    # run. A dense source with use_moe=True is upcycled (upcycle.py).
     init_from: str = "scratch"
     upcycle_router_std: float = 0.02  # fresh router init when upcycling: its randomness breaks expert symmetry
     upcycle_noise: float = 0.0  # > 0 perturbs expert copies multiplicatively (gives up the exact step-0 start)
@@ -147,10 +148,11 @@ class TrainConfig:
     # copies; ds_config.drop_idle_zero). False keeps the JSON's stage, e.g. to debug it.
     zero_single_rank_as_stage0: bool = True
     local_rank: int = -1  # set by the deepspeed launcher; otherwise unused
-    # Seconds a collective may wait for the other ranks before the job fails (DeepSpeed's
-    # default). A hung rank then ends the run after this long; checkpoint saves of very
-    # large models on slow filesystems are what it must outlast.
-    dist_timeout: int = 1800
+    # Seconds a collective may wait for the other ranks before the job fails. A hung rank
+    # ends the run after this long (a dead one at once), and an elastic restart follows:
+    # keep it short. It must outlast the longest time one rank works while the others
+    # wait: a save of its share, the first start's data check, an eval (docs/elastic.md).
+    dist_timeout: int = 600
 
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -296,7 +298,7 @@ def validate_train(t: TrainConfig):
     _check(blocker is None, f"out_dir '{t.out_dir}' cannot be made: '{blocker}' is a file, not a directory; "
                             "choose another --out_dir")
     _check(t.resume_iter >= -1, f"resume_iter must be -1 (the newest checkpoint) or an iteration, got {t.resume_iter}")
-    _check(t.resume_iter == -1 or t.init_from == "resume",
+    _check(t.resume_iter == -1 or t.init_from in ("resume", "auto"),
            f"resume_iter={t.resume_iter} picks a checkpoint to resume; it needs --init_from=resume")
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
@@ -334,7 +336,7 @@ def _file_in_the_way(path: str) -> str | None:
     return None if os.path.isdir(path) else path
 
 
-def _is_run_dir(path: str) -> bool:
+def is_run_dir(path: str) -> bool:
     """A run of ours: a committed checkpoint (iter_N/metadata.json) or an older version's ckpt.pt.
     (checkpoint.py owns the format; this is its cheap test, here to keep config free of torch.)"""
     import glob
@@ -343,18 +345,26 @@ def _is_run_dir(path: str) -> bool:
         os.path.isfile(os.path.join(path, CKPT_NAME))
 
 
+def resolve_init_from(init_from: str, out_dir_has_checkpoint: bool) -> str:
+    """init_from=auto, the same command for a first start and every restart: resume if out_dir holds
+    a checkpoint, else start from scratch. Anything else is returned as given."""
+    if init_from != "auto":
+        return init_from
+    return "resume" if out_dir_has_checkpoint else "scratch"
+
+
 def init_source(init_from: str) -> str:
     """What `init_from` names, checked without loading any weights.
 
-    Returns "scratch", "resume", "hf" (a GPT-2 name, or a local Hugging Face GPT-2
+    Returns "scratch", "resume", "auto", "hf" (a GPT-2 name, or a local Hugging Face GPT-2
     directory) or "run" (the out_dir of a run of ours: a committed iter_N/, or an older
     version's ckpt.pt). Anything else
     is refused in one line that says what was expected.
     """
-    if init_from in ("scratch", "resume"):
+    if init_from in ("scratch", "resume", "auto"):
         return init_from
     if os.path.isdir(init_from):
-        if _is_run_dir(init_from):
+        if is_run_dir(init_from):
             return "run"
         hf_config = os.path.join(init_from, "config.json")
         _check(os.path.isfile(hf_config), f"init_from '{init_from}' is a directory with neither a run of ours "
@@ -370,7 +380,7 @@ def init_source(init_from: str) -> str:
                f"init_from '{init_from}' has a GPT-2 config.json but no weights ({' or '.join(HF_WEIGHT_FILES[:2])})")
         return "hf"
     _check(init_from in HF_GPT2_NAMES,
-           f"unknown init_from '{init_from}'; expected scratch, resume, a GPT-2 name ({', '.join(HF_GPT2_NAMES[:5])}, "
+           f"unknown init_from '{init_from}'; expected scratch, resume, auto, a GPT-2 name ({', '.join(HF_GPT2_NAMES[:5])}, "
            f"or openai-community/ forms), a local Hugging Face GPT-2 directory, or the out_dir of a run of ours "
            "(holding iter_N/metadata.json)")
     return "hf"

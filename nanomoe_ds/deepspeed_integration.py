@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, ds_checkpoint, ds_groups, launch_env, precision
-from .ds_config import activation_checkpointing, drop_idle_zero, json_dtype, load_ds_config, reconcile
+from .ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, json_dtype, load_ds_config, reconcile
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
 from .expert_parallel import parallelize_experts_
@@ -205,8 +205,9 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     t.gradient_accumulation_steps, changed = fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)
     if changed and dist.get_rank() == 0:
         print(changed, flush=True)
-    if world % t.ep_size:  # the rest of ep_size's checks need no ranks: config.validate_parallelism
-        raise ConfigError(f"ep_size ({t.ep_size}) must divide the number of ranks ({world})")
+    t.ep_size, fitted = fit_ep_size(t.ep_size, world, m.num_experts)  # e.g. an elastic restart on fewer ranks
+    if fitted and dist.get_rank() == 0:
+        print(fitted, flush=True)
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
     ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
@@ -266,11 +267,12 @@ def run(m: GPTConfig, t: TrainConfig, given: frozenset = frozenset()) -> int:
         launch_env.report_error(e)
         return 3
     except BaseException as e:
-        import traceback
-        traceback.print_exc()
-        if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-            print(f"error: rank {dist.get_rank() if dist.is_initialized() else '?'}: a collective waited longer "
-                  f"than dist_timeout={t.dist_timeout}s; another rank is hung or dead", file=sys.stderr, flush=True)
+        line = launch_env.collective_failure(str(e), launch_env.distributed_frames(e), t.dist_timeout)
+        if line is None:  # not another rank's failure: a bug, whose traceback is the report
+            import traceback
+            traceback.print_exc()
+            return 1
+        launch_env.report_error(line)  # one line per surviving rank, not a gloo traceback
         return 1
 
 

@@ -222,7 +222,7 @@ def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
         rng = ckpt.rng(dist.get_rank())
         if rng is not None:  # a rank the saving run did not have keeps its own seeded state
             checkpoint.set_rng_state(rng)
-    except checkpoint.CheckpointError as e:
+    except Exception as e:  # whatever stopped this rank, the others must not wait for it in the vote below
         failure = e
     # Every rank learns whether all ranks read their share: one rank's corrupt record stops them all now.
     failed = torch.tensor([float(failure is not None)], device=engine.device)  # NCCL reduces GPU tensors only

@@ -92,6 +92,9 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     if m.use_moe and stage == 3:
         raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
                           "(ds_configs/zero1.json, zero2.json)")
+    if stage == 3:  # its partitioned parameters are not in the layout ds_checkpoint reads and writes
+        raise ConfigError("ZeRO-3 is not supported: this trainer's checkpoints cannot save its partitioned "
+                          "parameters yet; use ZeRO-1 or ZeRO-2 (ds_configs/zero1.json, zero2.json)")
     if m.use_moe and stage == 0 and dtype == "float16":
         raise ConfigError("fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE gradient clip on "
                           "ZeRO-0 would see loss-scaled gradients; use ZeRO-1 (ds_configs/fp16.json) or bf16")
@@ -125,6 +128,21 @@ def activation_checkpointing(ds: dict, m: GPTConfig, t: TrainConfig) -> bool:
         raise ConfigError(f'the DeepSpeed JSON\'s activation_checkpointing.number_checkpoints={number}, but this '
                           f'trainer checkpoints every block (n_layer={m.n_layer}); remove number_checkpoints')
     return True
+
+
+def fit_ep_size(requested: int, world_size: int, num_experts: int) -> tuple[int, str | None]:
+    """The expert-parallel size to run: the requested one if it divides the ranks, else the largest
+    that divides both the ranks and the experts, and a note saying so.
+
+    An elastic restart on fewer (or more) ranks keeps training instead of stopping; the
+    requested size comes from the command line again at every start, so it returns as
+    soon as the ranks allow it. (Its dividing num_experts is checked with the config.)
+    """
+    if world_size % requested == 0:
+        return requested, None
+    fitted = max(d for d in range(1, requested + 1) if world_size % d == 0 and num_experts % d == 0)
+    return fitted, (f"note: ep_size {requested} does not divide the {world_size} ranks; running ep_size {fitted} "
+                    f"(ep_size {requested} returns when the ranks allow it)")
 
 
 def drop_idle_zero(ds: dict, data_parallel_size: int) -> tuple[dict, str | None]:

@@ -104,3 +104,34 @@ def report_error(error: Exception):
     # launcher's) then never interleave within a line.
     sys.stderr.write(error_line(error, os.environ) + "\n")
     sys.stderr.flush()
+
+
+# What torch.distributed's backends say when a peer process is gone (gloo: its socket closed
+# or reset; NCCL: the communicator aborted after a remote failure).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+             "remote process exited", "communicator was aborted")
+
+
+def collective_failure(message: str, functions: list[str], dist_timeout: int) -> str | None:
+    """One line for a collective that failed because another rank died or hung; None for other errors.
+
+    `functions` are the names of the traceback's frames in torch.distributed's API
+    (distributed_c10d.py), outermost first: the first names the collective this rank was in.
+    """
+    collective = functions[0] if functions else "a collective"
+    if any(text in message for text in PEER_GONE):
+        address = re.search(r"\[([0-9A-Za-z.:%-]+)\]:(\d+)", message)
+        peer = f"the rank at {address.group(1)}:{address.group(2)}" if address else "another rank"
+        return (f"lost {peer} during {collective}: it died or its node is gone; this run cannot go on at this "
+                "size: restart it with --init_from=auto (torchrun --max-restarts does that by itself)")
+    if "timed out" in message.lower() or "timeout" in message.lower():
+        return (f"a collective ({collective}) waited longer than dist_timeout={dist_timeout}s; another rank is hung "
+                "or dead")
+    return None
+
+
+def distributed_frames(error: BaseException) -> list[str]:
+    """The names of `error`'s traceback frames in torch.distributed's API, outermost first."""
+    import traceback
+    return [frame.name for frame in traceback.extract_tb(error.__traceback__)
+            if frame.filename.endswith("distributed_c10d.py")]

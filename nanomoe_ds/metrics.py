@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import time
 from typing import Protocol
 
 import torch
@@ -219,6 +220,14 @@ class MetricsLog:
         for sink in self.sinks:
             sink.log(record)
 
+    def event(self, record: dict, line: str | None = None):
+        """Something that happened to the run, not a measurement (a restart): metrics.jsonl only."""
+        if line:
+            self.print(line)
+        for sink in self.sinks:
+            if isinstance(sink, JsonlSink):
+                sink.log(record)
+
     def print(self, line: str):
         if not self.echo:
             return
@@ -249,6 +258,49 @@ def progress_bar(t: TrainConfig, start: int):
 
 
 # ---------------------------------------------------------------- reading a run back
+def last_record(out_dir: str) -> tuple[dict | None, float | None]:
+    """The last record of out_dir/metrics.jsonl and when the file was last written (None, None if none)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))  # the tail is enough for the last line
+            lines = f.read().splitlines()
+            written = os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return None, None
+    for line in reversed(lines):
+        try:
+            return json.loads(line), written
+        except ValueError:  # a line cut by a kill mid-write
+            continue
+    return None, written
+
+
+def resume_record(out_dir: str, iter_num: int, saved: dict, now: dict) -> dict:
+    """metrics.jsonl's record of a restart: from which topology to which, and what it cost.
+
+    lost_s is the wall time since the previous run last wrote a record (its last step or
+    eval, so it includes the time it took to fail and restart), redone_iters how many of
+    its logged iterations come again because they were after the checkpoint.
+    """
+    last, written = last_record(out_dir)
+    record = {"event": "resume", "iter": iter_num,
+              "from": {"world_size": saved["world_size"], "ep_size": saved["ep_size"]},
+              "to": {"world_size": now["world_size"], "ep_size": now["ep_size"]},
+              "lost_s": None if written is None else round(time.time() - written, 3),
+              "redone_iters": 0}
+    if last is not None and "iter" in last:  # a train record's iteration was trained; an eval's was not yet
+        record["redone_iters"] = max(0, last["iter"] + ("loss" in last) - iter_num)
+    return record
+
+
+def describe_resume(record: dict) -> str:
+    lost = "" if record["lost_s"] is None else f"; {record['lost_s']:.1f} s since the previous run's last record"
+    return (f"resumed at iteration {record['iter']}: world size {record['from']['world_size']} -> "
+            f"{record['to']['world_size']}, ep_size {record['from']['ep_size']} -> {record['to']['ep_size']}{lost}, "
+            f"{record['redone_iters']} iterations to train again")
+
+
 def read_run(out_dir: str) -> tuple[list[dict], list[dict]]:
     """(training-step records, eval records) of out_dir/metrics.jsonl, each in iteration order.
 
@@ -262,6 +314,7 @@ def read_run(out_dir: str) -> tuple[list[dict], list[dict]]:
     train, evals = {}, {}
     with open(path) as f:
         for record in map(json.loads, f):
-            (train if "loss" in record else evals)[record["iter"]] = record
+            if "event" not in record:  # a restart's record (resume_record) is neither
+                (train if "loss" in record else evals)[record["iter"]] = record
     return [train[i] for i in sorted(train)], [evals[i] for i in sorted(evals)]
 

@@ -22,9 +22,10 @@ from torch.profiler import record_function
 
 from . import checkpoint, launch_env, metrics, precision, profiling
 from .activation_checkpoint import checkpoint_blocks_
-from .config import ConfigError, GPTConfig, TrainConfig, to_dict
+from .config import ConfigError, GPTConfig, TrainConfig, is_run_dir, resolve_init_from, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
+from .run_lock import RunLock
 from .upcycle import upcycle
 
 
@@ -52,6 +53,9 @@ class Engine(Protocol):
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over all ranks (a copy, on the tensor's device)."""
+
+    def topology(self) -> dict:
+        """What the state's layout depends on (checkpoint.topology): recorded in checkpoints."""
 
     def save(self, out_dir: str, state: dict) -> None: ...
 
@@ -94,6 +98,8 @@ class LocalEngine:
     def __init__(self, model: GPT, t: TrainConfig, device: str, dtype: torch.dtype):
         self.module, self.t, self.device, self.compute_dtype = model.to(device), t, device, dtype
         kind = device.split(":")[0]
+        if kind == "cuda":  # the current device is the one whose RNG state checkpoints save (cuda:1 too)
+            torch.cuda.set_device(torch.device(device))
         self.ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=kind, dtype=dtype)
         # fp16 needs loss scaling against gradient underflow: a GradScaler on CUDA and on
         # CPUs with native fp16; MPS fp16 runs without (no scaler support there).
@@ -279,7 +285,7 @@ def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
 
 
 def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = frozenset()) -> dict:
-    """Set up, run the loop, and close the log sinks (flushed even when the loop fails).
+    """Check, take the run's lock, set up, run the loop, and close the log sinks (flushed even when it fails).
 
     `given` names the keys the user set (preset or command line); on resume, a model
     shape key among them must agree with the checkpoint. Returns the last eval and the
@@ -290,13 +296,63 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     check_data(data_dir, m.block_size)
     rank = launch_env.process_rank(os.environ)
     if not t.eval_only:
-        checkpoint.check_writable(t.out_dir, rank)
+        checkpoint.check_writable(t.out_dir, rank)  # every rank: each writes its own shard there
+    asked = f"init_from={t.init_from}" + (f" (over the checkpoint in {t.out_dir})" if t.init_from == "auto" else "")
+    locks = []
+
+    def lock_and_choose() -> tuple[str, int]:
+        if not t.eval_only:  # one writer per out_dir; released by the kernel however this process ends
+            locks.append(RunLock.acquire(t.out_dir))
+        return choose_start(t)
+    try:
+        # Rank 0 decides where every rank starts: ranks that each looked for the newest checkpoint
+        # could see different ones (a save being finished, a file system's stale directory cache).
+        t.init_from, t.resume_iter = rank0_decides(lock_and_choose, rank)
+        return set_up_and_run(m, t, data_dir, rank, engine_factory, given, asked)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def choose_start(t: TrainConfig) -> tuple[str, int]:
+    """Rank 0, holding the run's lock: finish or clear what a killed save left, then resolve init_from=auto
+    and pick the checkpoint to resume (its iteration; -1 for an older version's ckpt.pt)."""
+    if t.init_from in ("resume", "auto"):
+        checkpoint.recover_partial_saves(t.out_dir)
+    init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir))
+    iteration = t.resume_iter
+    if init_from == "resume" and iteration == -1 and checkpoint.committed(t.out_dir):
+        iteration = checkpoint.committed(t.out_dir)[-1][0]
+    return init_from, iteration
+
+
+def rank0_decides(decide, rank: int):
+    """decide() on rank 0; its result, or its refusal, on every rank (one broadcast when there are several)."""
+    import torch.distributed as dist
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("ok", decide())
+        except ConfigError as e:
+            outcome = ("error", str(e))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":  # object collectives go through the current GPU: this rank's own
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if outcome[0] == "error":
+        raise ConfigError(outcome[1])
+    return outcome[1]
+
+
+def set_up_and_run(m: GPTConfig, t: TrainConfig, data_dir, rank: int, engine_factory, given: frozenset,
+                   asked: str) -> dict:
+    """Model, engine, resume, loop. `asked` is the init_from the user gave, for messages."""
     ckpt = None
     if t.init_from == "resume":  # the checkpoint's model shape wins, as in nanoGPT, unless given otherwise
-        if rank == 0:
-            checkpoint.remove_partial_saves(t.out_dir)
         ckpt = checkpoint.open_checkpoint(t.out_dir, t.resume_iter)  # the metadata; tensors are read by engine.load
-        m = checkpoint.resume_model_config(ckpt.meta["model_args"], m, given)
+        m = checkpoint.resume_model_config(ckpt.meta["model_args"], m, given, asked)
     model = build_model(m, t)
     check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
@@ -313,12 +369,15 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     else:
         engine = engine_factory(model, t)
     start_iter, best_val, train_s = 0, 1e9, 0.0
-    if t.init_from == "resume":
+    if ckpt is not None:
         state = engine.load(ckpt)
         start_iter, best_val = state["iter_num"], state["best_val_loss"]
         train_s = state.get("train_s", 0.0)  # absent from checkpoints written before it was recorded
     if engine.rank == 0:
         log = metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, start_iter))
+        if ckpt is not None:
+            record = metrics.resume_record(t.out_dir, start_iter, ckpt.meta["topology"], engine.topology())
+            log.event(record, metrics.describe_resume(record))
     else:
         log = metrics.MetricsLog([], echo=False)
     peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, t.peak_tflops)

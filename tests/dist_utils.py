@@ -113,3 +113,46 @@ def _gloo_rank(rank: int, world: int, port: int, body, args: tuple):
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(code)
+
+
+# Rendezvous settings that make an elastic restart take seconds on one machine: a lost node is
+# declared dead after 3 missed 1 s heartbeats, and the rendezvous closes 2 s after the minimum
+# number of nodes is there (torchrun's defaults: 5 s x 3 and 30 s). docs/elastic.md explains them.
+FAST_RDZV = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+def start_agent(prefix: list[str], env: dict, endpoint: str, argv: list[str], log: Path, hosts_store: bool,
+                rdzv_conf: str = FAST_RDZV) -> subprocess.Popen:
+    """One 'node': a torchrun elastic agent (1 to 2 nodes, one rank each, 3 restarts, c10d rendezvous at
+    `endpoint`) running launch/train.py, in a session of its own, its output in `log`. `hosts_store` says
+    whether this agent runs the rendezvous store (torchrun guesses it from the host name otherwise, which
+    fails for an address that is not the host name's, as in a network namespace)."""
+    rdzv_conf = ",".join(part for part in (rdzv_conf, f"is_host={int(hosts_store)}") if part)
+    cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+           "--max-restarts=3", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=elastic",
+           f"--local-addr={env.get('NODE_ADDR', '127.0.0.1')}",  # where the other nodes reach this one
+           "--monitor-interval=0.5", f"--rdzv-conf={rdzv_conf}", str(REPO / "launch/train.py"), *argv]
+    # Without this, a restart in which a node joins deadlocks in torch's rendezvous (PyTorch #135712): the
+    # surviving agent keeps the previous round's store address and never publishes the new round's.
+    env = {**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_node(agent: subprocess.Popen):
+    """kill -9 a node: the agent and its workers (torchrun starts each worker in a session of its own,
+    so killing the agent's process group would leave them training)."""
+    import psutil
+    workers = psutil.Process(agent.pid).children(recursive=True)
+    agent.kill()
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
+    agent.wait()
+
+
+def records(out_dir) -> list[dict]:
+    """Every record of out_dir/metrics.jsonl, in file order (events included)."""
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]

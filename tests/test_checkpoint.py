@@ -89,20 +89,16 @@ def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_p
 def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, char_data, tmp_path, topology):
     """Resumed at an eval-aligned iteration with always_save_checkpoint (nanoGPT's default), a run evaluates
     but saves only after it has trained: a kill then cannot truncate the checkpoint it came from."""
-    import hashlib
     at3, _ = saved(topology)
     out = tmp_path / "run"
     shutil.copytree(at3, out)
-
-    def digests():
-        return {p.relative_to(out): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(out.rglob("*")) if p.is_file() and p.name != "metrics.jsonl"}
-    before = digests()
+    before = digest(out)
     before_rows = len(open(out / "metrics.jsonl").readlines())
     run_at(topology, char_data, out, tmp_path, max_iters=3, init_from="resume")  # eval at 3, train 3, stop
     resumed = [json.loads(line) for line in open(out / "metrics.jsonl").readlines()[before_rows:]]
-    assert [(r["iter"], "val_loss" in r) for r in resumed] == [(3, True), (3, False)]
-    assert digests() == before  # every file of iter_3/, byte for byte
+    assert [(r["iter"], r.get("event"), "val_loss" in r) for r in resumed] == [(3, "resume", False), (3, None, True),
+                                                                               (3, None, False)]
+    assert digest(out) == before  # every file of iter_3/, byte for byte
 
 
 def test_each_rank_writes_its_share_once(saved):
@@ -200,6 +196,34 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offere
     assert "step 3: train loss" in r.stdout
 
 
+def test_a_save_killed_after_its_commit_but_before_its_rename_is_finished_on_resume(char_data, tmp_path):
+    """The metadata written into iter_N.partial is the commit point: a kill before the rename leaves a complete
+    staging directory, which the next resume installs; one without metadata (killed earlier) is dropped."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
+    (tmp_path / "iter_6").rename(tmp_path / "iter_6.partial")  # as if killed just before the rename
+    (tmp_path / "iter_9.partial").mkdir()  # killed while writing shards: no metadata
+    (tmp_path / "iter_2.discard").mkdir()  # killed while deleting a pruned checkpoint
+    res = train(*from_argv(tiny_args(char_data, tmp_path, max_iters=7, eval_interval=3, init_from="resume")))
+    assert len(res["train_losses"]) == 2  # iterations 6 and 7: it resumed from iter_6
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_3", "iter_6"]
+
+
+def test_a_tampered_index_is_refused_in_one_line(char_data, tmp_path):
+    """metadata.json carries its own checksum: an index edit that every record's CRC would survive (a shifted
+    offset) is refused, not loaded as uninitialised memory."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=3, eval_interval=3)))
+    path = tmp_path / "iter_3" / "metadata.json"
+    meta = json.loads(path.read_text())
+    meta["records"][0][1] += 8
+    path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{path} is unreadable or fails its checksum; "):
+        checkpoint.open_checkpoint(str(tmp_path))
+    del meta["crc32"]  # the same edit with a valid checksum (a bug, not a flipped bit): the index check stops it
+    path.write_text(json.dumps({**meta, "crc32": __import__("zlib").crc32(checkpoint._canonical(meta))}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"is inconsistent \(.*: elements 0-8 are missing\)"):
+        checkpoint.open_checkpoint(str(tmp_path))
+
+
 def test_resume_iter_names_a_committed_checkpoint(char_data, tmp_path):
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=3, eval_interval=3))
     train(model_cfg, train_cfg)
@@ -219,11 +243,27 @@ def test_cli_resume_with_another_shape_is_refused(char_data, tmp_path):
                         "drop them to resume, or train a new model in another out_dir\n")
 
 
+def test_auto_refuses_another_model_over_an_existing_run_and_leaves_it_untouched(char_data, tmp_path):
+    """The same out_dir asked for another shape under init_from=auto: one line, nothing written."""
+    train_py = [sys.executable, "launch/train.py"]
+    first = subprocess.run([*train_py, *tiny_args(char_data, tmp_path, max_iters=3, init_from="auto")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "resumed" not in first.stdout, first.stderr[-2000:]
+    before = digest(tmp_path)
+    r = subprocess.run([*train_py, *tiny_args(char_data, tmp_path, max_iters=6, init_from="auto"), "--n_layer=4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == (f"error: init_from=auto (over the checkpoint in {tmp_path}): n_layer=4 (checkpoint: 2) "
+                        "contradict the checkpoint's model; drop them to resume, or train a new model in another "
+                        "out_dir\n")
+    assert digest(tmp_path) == before
+
+
 # ------------------------------------------------------------ faults, with real processes
 def digest(out_dir) -> dict:
     """What a resume would read: every checkpoint's files, by content hash."""
     import hashlib
-    files = [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != "metrics.jsonl"]
+    files = [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name not in ("metrics.jsonl", ".run.lock")]
     return {str(p.relative_to(out_dir)): hashlib.sha1(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -339,7 +379,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(char_data, tmp_
     assert read["err1"].endswith("; the last committed checkpoint, iter_3, is intact; free space or choose another "
                                  "--out_dir, then continue with --init_from=resume\n")
     assert read["err1"].count("\n") == 1
-    assert read["ls1"].split() == [".", "..", "iter_3", "metrics.jsonl"]  # no temporary file left behind
+    assert read["ls1"].split() == [".", "..", ".run.lock", "iter_3", "metrics.jsonl"]  # no temporary file left
     assert read["rc2"].strip() == "0", read["err2"][-2000:]
     assert "step 3: train loss" in read["out2"] and "step 6: train loss" in read["out2"]
     assert read["rc3"].strip() == "2"
@@ -372,10 +412,11 @@ def set_saved_loss_scale(out_dir, scale: float):
     """Stand in for a run whose scaler lowered the scale after overflows: rewrite the newest checkpoint's."""
     path = checkpoint.open_checkpoint(str(out_dir)).directory / checkpoint.METADATA
     meta = json.loads(path.read_text())
+    del meta["crc32"]
     meta["loss_scale"]["scale"] = scale
     if "torch" in meta["loss_scale"]:
         meta["loss_scale"]["torch"]["scale"] = scale
-    path.write_text(json.dumps(meta))
+    path.write_text(json.dumps({**meta, "crc32": __import__("zlib").crc32(checkpoint._canonical(meta))}))
 
 
 def test_the_fp16_loss_scale_survives_a_resume(char_data, tmp_path, monkeypatch):

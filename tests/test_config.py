@@ -52,7 +52,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["--use_moe=True", "--expert_hidden=-4"], "expert_hidden must be a positive integer"),
     (["--dtype=fp8"], "unknown dtype 'fp8'"),
     (["--device=tpu"], "unknown device 'tpu'"),
-    (["--init_from=gpt3"], "unknown init_from 'gpt3'; expected scratch, resume, a GPT-2 name (gpt2, gpt2-medium"),
+    (["--init_from=gpt3"], "unknown init_from 'gpt3'; expected scratch, resume, auto, a GPT-2 name (gpt2, gpt2-medium"),
     (["--init_from=gpt2-foo"], "unknown init_from 'gpt2-foo'"),
     (["--activation=relu"], "unknown activation 'relu'; choose one of gelu, gelu_tanh"),
     (["--upcycle_noise=-0.1"], "upcycle_noise must be >= 0"),
@@ -124,3 +124,11 @@ def test_local_sources_are_recognised(tmp_path):
     assert config.init_source(str(tmp_path / "run")) == "run"
     with pytest.raises(ConfigError, match="^init_from and out_dir are the same directory .* would overwrite its source"):
         from_argv([f"--init_from={tmp_path / 'run'}", f"--out_dir={tmp_path / 'run'}"])
+
+
+@pytest.mark.parametrize("init_from, has_checkpoint, expected", [
+    ("auto", True, "resume"), ("auto", False, "scratch"),  # the same command for a first start and a restart
+    ("resume", False, "resume"), ("scratch", True, "scratch"), ("gpt2", True, "gpt2"),  # others as given
+])
+def test_init_from_auto_resumes_where_there_is_a_checkpoint(init_from, has_checkpoint, expected):
+    assert config.resolve_init_from(init_from, has_checkpoint) == expected

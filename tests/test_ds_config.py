@@ -8,7 +8,7 @@ from conftest import REPO
 
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.data import fit_accumulation
-from nanomoe_ds.ds_config import activation_checkpointing, drop_idle_zero, reconcile
+from nanomoe_ds.ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, reconcile
 from nanomoe_ds.precision import Support
 
 
@@ -137,3 +137,32 @@ def test_fp16_keeps_its_stage_on_one_rank_and_zero0_fp16_moe_is_refused():
         cfg["zero_optimization"] = {"stage": 0}
         model_cfg, train_cfg = from_argv(["--batch_size=4", "--gradient_accumulation_steps=2", "--use_moe=True"])
         reconcile(cfg, model_cfg, train_cfg, 2, "cpu", Support(True, True))
+
+
+@pytest.mark.parametrize("requested, world, experts, expected", [
+    (2, 2, 8, 2), (2, 4, 8, 2), (8, 8, 8, 8),  # divides the ranks: as asked
+    (2, 1, 8, 1),  # one node of two lost: expert parallelism off
+    (4, 2, 8, 2), (4, 6, 8, 2),  # the largest that divides both the ranks and the experts
+    (6, 3, 6, 3), (6, 4, 6, 2),
+])
+def test_ep_size_fits_the_ranks_there_are(requested, world, experts, expected):
+    fitted, note = fit_ep_size(requested, world, experts)
+    assert fitted == expected
+    assert world % fitted == 0 and experts % fitted == 0
+    if fitted == requested:
+        assert note is None
+    else:
+        assert note == (f"note: ep_size {requested} does not divide the {world} ranks; running ep_size {expected} "
+                        f"(ep_size {requested} returns when the ranks allow it)")
+
+
+@pytest.mark.parametrize("use_moe, message", [
+    (True, "ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2"),
+    (False, "ZeRO-3 is not supported: this trainer's checkpoints cannot save its partitioned parameters yet; "
+            "use ZeRO-1 or ZeRO-2"),
+])
+def test_zero3_is_refused_before_training(use_moe, message):
+    """Dense ZeRO-3 used to train, then crash at its first save: refused up front instead."""
+    model_cfg, train_cfg = from_argv([f"--use_moe={use_moe}", "--deepspeed_config=x.json"])
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        reconcile({"zero_optimization": {"stage": 3}}, model_cfg, train_cfg, 2, "cuda", Support(True, True))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +12,8 @@ import time
 import pytest
 
 from conftest import REPO, tiny_args
-from dist_utils import free_port, loopback_env, start_ranks, train_rows, wait_for_iter
+from dist_utils import (ds_json, free_port, kill_node, loopback_env, records, run_ranks, start_agent, start_ranks,
+                        train_rows, wait_for_iter)
 
 ZERO2 = str(REPO / "ds_configs/zero2.json")
 
@@ -50,9 +53,13 @@ def test_killed_rank_ends_the_job(char_data, tmp_path):
         wait_for_iter(tmp_path, 2, procs)
         procs[1].kill()
         t0 = time.time()
-        procs[0].wait(timeout=60)
+        _, err = procs[0].communicate(timeout=60)
         assert time.time() - t0 < 10, "the survivor took too long to notice"
         assert procs[0].returncode != 0  # a lost rank is a failure, never exit 0
+        # one line, not a gloo traceback: which peer, which collective, and what to do
+        assert err.count("\n") == 1 and "Traceback" not in err, err[-3000:]
+        assert re.match(r"error: rank 0: lost the rank at 127\.0\.0\.1:\d+ during \w+: it died or its node is gone; "
+                        r"this run cannot go on at this size: restart it with --init_from=auto", err), err
     finally:
         for p in procs:
             p.kill()
@@ -69,7 +76,8 @@ def test_hung_rank_ends_the_job_after_dist_timeout(char_data, tmp_path):
         waited = time.time() - t0
         assert procs[0].returncode != 0
         assert waited < 10 + 30, waited
-        assert "a collective waited longer than dist_timeout=10s; another rank is hung or dead" in err, err[-2000:]
+        assert re.search(r"^error: rank 0: a collective \(\w+\) waited longer than dist_timeout=10s; another rank is "
+                         r"hung or dead$", err, re.M), err[-2000:]
     finally:
         for p in procs:
             p.kill()
@@ -82,10 +90,11 @@ def two_hosts(request):
 
     loopback: two names of this machine. netns: two network namespaces joined by a veth
     pair (root and iproute2 needed; the namespaces, their link and addresses exist only for
-    this test and are deleted after it).
+    this test and are deleted after it). Each node's env has its own address as NODE_ADDR,
+    for launchers that must be told it (torchrun --local-addr).
     """
     if request.param == "loopback":
-        yield "127.0.0.1 slots=1\nlocalhost slots=1\n", [([], loopback_env())] * 2, "127.0.0.1"
+        yield "127.0.0.1 slots=1\nlocalhost slots=1\n", [([], loopback_env(NODE_ADDR="127.0.0.1"))] * 2, "127.0.0.1"
         return
     tag = f"{os.getpid() % 100000}"
     spaces, links, addrs = [f"nmds{tag}a", f"nmds{tag}b"], [f"nmv{tag}a", f"nmv{tag}b"], ["10.77.0.1", "10.77.0.2"]
@@ -99,8 +108,9 @@ def two_hosts(request):
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 pytest.skip(f"cannot make network namespaces here ({' '.join(cmd)}: {r.stderr.strip()})")
-        nodes = [(["ip", "netns", "exec", ns], {**loopback_env(), "GLOO_SOCKET_IFNAME": link, "MASTER_ADDR": addrs[0]})
-                 for ns, link in zip(spaces, links)]
+        nodes = [(["ip", "netns", "exec", ns], {**loopback_env(), "GLOO_SOCKET_IFNAME": link, "MASTER_ADDR": addrs[0],
+                                                 "NODE_ADDR": addr})
+                 for ns, link, addr in zip(spaces, links, addrs)]
         yield f"{addrs[0]} slots=1\n{addrs[1]} slots=1\n", nodes, addrs[0]
     finally:
         for ns in spaces:
@@ -152,3 +162,118 @@ def test_mpirun(char_data, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=loopback_env(MASTER_PORT=free_port()))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]
+
+
+# ------------------------------------------------------------ elastic: torchrun agents as nodes
+def elastic_args(char_data, tmp_path, out_dir, max_iters: int) -> list[str]:
+    """The same command line for every start: ZeRO-2, ep_size 2, fp32, init_from=auto."""
+    return ["--deepspeed_config", ds_json(tmp_path, "zero2"),
+            *tiny_args(char_data, out_dir, max_iters=max_iters, eval_interval=10, keep_last=1000),
+            "--ep_size=2", "--init_from=auto", "--dist_timeout=30"]
+
+
+def after_resume(out_dir, from_world: int, to_world: int) -> tuple[dict, list[dict]]:
+    """The last resume event from one world size to another, and the training records after it."""
+    recs = records(out_dir)
+    at = max(i for i, r in enumerate(recs) if r.get("event") == "resume"
+             and (r["from"]["world_size"], r["to"]["world_size"]) == (from_world, to_world))
+    return recs[at], [r for r in recs[at + 1:] if "loss" in r]
+
+
+def resumed_by_hand(char_data, tmp_path, out_dir, iteration: int, world: int, max_iters: int) -> list[dict]:
+    """The same checkpoint continued at `world` ranks by a plain (non-elastic) resume; its training records."""
+    hand = tmp_path / "by_hand"
+    shutil.copytree(out_dir, hand, ignore=shutil.ignore_patterns(".run.lock"))
+    args = elastic_args(char_data, tmp_path, hand, max_iters)
+    args = [a for a in args if a != "--init_from=auto"] + ["--init_from=resume", f"--resume_iter={iteration}"]
+    res = run_ranks(world, args)
+    assert [r.returncode for r in res] == [0] * world, res[0].stderr[-3000:]
+    return after_resume(hand, 2 if world == 1 else 1, world)[1]
+
+
+def assert_same_steps(elastic: list[dict], by_hand: list[dict], first: int, last: int):
+    assert [r["iter"] for r in elastic] == [r["iter"] for r in by_hand] == list(range(first, last + 1))
+    for a, b in zip(elastic, by_hand):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("two_hosts", ["loopback", "netns"], indirect=True)
+def test_elastic_a_node_dies_and_the_survivor_finishes_alone(char_data, tmp_path, two_hosts):
+    """Two torchrun agents (1 to 2 nodes), ZeRO-2, ep_size 2. The node that does not host the rendezvous is
+    killed (agent and worker, -9) after a checkpoint: the survivor's rank says so in one line, its agent
+    restarts it at world size 1, which resumes the newest checkpoint with ep_size 1 and finishes, taking the
+    steps a resume by hand at world size 1 takes."""
+    _, nodes, master = two_hosts
+    out, last = tmp_path / "run", 150
+    endpoint = f"{master}:{free_port()}"
+    args = elastic_args(char_data, tmp_path, out, last)
+    host = start_agent(*nodes[0], endpoint, args, tmp_path / "host.log", hosts_store=True)
+    other = start_agent(*nodes[1], endpoint, args, tmp_path / "other.log", hosts_store=False)
+    try:
+        wait_for_iter(out, 25, [host, other])
+        kill_node(other)
+        assert host.wait(timeout=240) == 0, (tmp_path / "host.log").read_text()[-3000:]
+    finally:
+        for agent in (host, other):
+            if agent.poll() is None:
+                kill_node(agent)
+    log = (tmp_path / "host.log").read_text()
+    assert re.search(r"^error: rank 0: lost the rank at [\d.]+:\d+ during \w+: it died or its node is gone", log, re.M)
+    assert "Traceback" not in log
+    event, steps = after_resume(out, 2, 1)
+    assert (event["from"]["ep_size"], event["to"]["ep_size"]) == (2, 1) and event["iter"] >= 20
+    assert "note: ep_size 2 does not divide the 1 ranks; running ep_size 1" in log
+    assert_same_steps(steps, resumed_by_hand(char_data, tmp_path, out, event["iter"], 1, last), event["iter"], last)
+
+
+def test_elastic_a_node_joins_and_the_job_grows(char_data, tmp_path):
+    """One agent trains alone (world size 1, ep_size 1); a second joins mid-run. The first agent stops its
+    worker (SIGTERM: it saves), the job re-forms at world size 2 and resumes with the requested ep_size 2,
+    taking the steps a resume by hand at world size 2 takes."""
+    out, last = tmp_path / "run", 300
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = elastic_args(char_data, tmp_path, out, last)
+    first = start_agent([], loopback_env(), endpoint, args, tmp_path / "first.log", hosts_store=True)
+    second = None
+    try:
+        wait_for_iter(out, 10, [first])
+        second = start_agent([], loopback_env(), endpoint, args, tmp_path / "second.log", hosts_store=False)
+        assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        assert second.wait(timeout=60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        for agent in (first, second):
+            if agent is not None and agent.poll() is None:
+                kill_node(agent)
+    event, steps = after_resume(out, 1, 2)
+    assert (event["from"]["ep_size"], event["to"]["ep_size"]) == (1, 2) and event["redone_iters"] == 0
+    assert "stopped by SIGTERM" in (tmp_path / "first.log").read_text()  # the agent's stop saved the state
+    assert_same_steps(steps, resumed_by_hand(char_data, tmp_path, out, event["iter"], 2, last), event["iter"], last)
+
+
+def test_slurm_requeue_continues_where_the_time_limit_stopped(char_data, tmp_path):
+    """launch/slurm/train.sbatch, with stand-ins for srun and scontrol: SIGUSR1 to the script (SLURM's
+    --signal=B:USR1@120) saves and requeues; the requeued script continues; no iteration is trained twice."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\nexport SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0\nexec \"$@\"\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    train = "launch/train.py " + " ".join(tiny_args(char_data, tmp_path / "unused", max_iters=400, eval_interval=50))
+    env = loopback_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42", OUT_DIR=tmp_path / "run",
+                       TRAIN=train)
+    script = ["bash", str(REPO / "launch/slurm/train.sbatch")]
+    job = subprocess.Popen(script, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_iter(tmp_path / "run", 20, [job])
+        job.send_signal(signal.SIGUSR1)
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    assert "SIGUSR1: saving, then requeueing job 42" in out and "stopped by SIGUSR1 before iteration" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+    second = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed at iteration " in second.stdout
+    assert [r["iter"] for r in train_rows(tmp_path / "run")] == list(range(401))  # each iteration once

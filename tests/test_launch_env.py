@@ -1,7 +1,8 @@
 """Launcher variables -> torch.distributed's, in-process (the process tests are in test_launch.py)."""
 import pytest
 
-from nanomoe_ds.launch_env import DEFAULT_MASTER_PORT, distributed_env, error_line, first_host, process_rank, world_size
+from nanomoe_ds.launch_env import (DEFAULT_MASTER_PORT, collective_failure, distributed_env, error_line, first_host,
+                                   process_rank, world_size)
 
 
 @pytest.mark.parametrize("nodelist, host", [
@@ -81,3 +82,24 @@ def test_report_error_prints_on_every_rank(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     report_error(ValueError("boom"))
     assert capsys.readouterr().err == "error: rank 1: boom\n"
+
+
+GLOO_CLOSED = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+               "[10.0.0.2]:41234. This is typically caused by a remote worker crashing.")
+
+
+@pytest.mark.parametrize("message, frames, expected", [
+    (GLOO_CLOSED, ["all_reduce"], "lost the rank at 10.0.0.2:41234 during all_reduce: it died or its node is gone; "
+     "this run cannot go on at this size: restart it with --init_from=auto (torchrun --max-restarts does that by "
+     "itself)"),
+    ("Connection reset by peer", ["all_to_all_single"], "lost another rank during all_to_all_single: it died or its "
+     "node is gone; this run cannot go on at this size: restart it with --init_from=auto (torchrun --max-restarts "
+     "does that by itself)"),
+    ("Timed out waiting 30000ms for recv operation to complete", ["barrier"],
+     "a collective (barrier) waited longer than dist_timeout=30s; another rank is hung or dead"),
+    ("Timed out waiting 30000ms for recv operation to complete", [],
+     "a collective (a collective) waited longer than dist_timeout=30s; another rank is hung or dead"),
+    ("CUDA out of memory", ["all_reduce"], None),  # not another rank's failure: its traceback is the report
+])
+def test_a_collective_failure_caused_by_another_rank_is_one_line(message, frames, expected):
+    assert collective_failure(message, frames, dist_timeout=30) == expected

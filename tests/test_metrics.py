@@ -173,3 +173,30 @@ def test_read_run_keeps_the_later_record_of_a_resumed_iteration(tmp_path):
     assert [(r["iter"], r["val_loss"]) for r in evals] == [(0, 4.0), (2, 3.7)]
     with pytest.raises(ConfigError, match=f"^no metrics.jsonl in {tmp_path}/nothing; train first or check --out_dir"):
         read_run(str(tmp_path / "nothing"))
+
+
+def test_a_resume_record_says_what_changed_and_what_was_lost(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for it in range(25):
+            f.write(json.dumps({"iter": it, "loss": 1.0}) + "\n")
+        f.write('{"iter": 25, "lo')  # a line cut by the kill
+    os.utime(tmp_path / "metrics.jsonl", (0, __import__("time").time() - 7))
+    saved = {"world_size": 2, "ep_size": 2}
+    now = {"world_size": 1, "ep_size": 1}
+    record = metrics.resume_record(str(tmp_path), 20, saved, now)
+    assert record["event"] == "resume" and record["iter"] == 20
+    assert (record["from"], record["to"]) == (saved, now)
+    assert record["redone_iters"] == 5  # iterations 20-24 were trained after the checkpoint
+    assert 6.5 < record["lost_s"] < 30
+    assert metrics.describe_resume(record).startswith("resumed at iteration 20: world size 2 -> 1, ep_size 2 -> 1; ")
+    fresh = metrics.resume_record(str(tmp_path / "none"), 0, saved, saved)
+    assert (fresh["lost_s"], fresh["redone_iters"]) == (None, 0)
+
+
+def test_read_run_skips_restart_records(tmp_path):
+    lines = [{"iter": 0, "val_loss": 2.0}, {"iter": 0, "loss": 2.1}, {"iter": 1, "loss": 2.0},
+             {"event": "resume", "iter": 1, "from": {}, "to": {}, "lost_s": 1.0, "redone_iters": 0},
+             {"iter": 1, "loss": 1.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train_rows, evals = metrics.read_run(str(tmp_path))
+    assert [r["loss"] for r in train_rows] == [2.1, 1.9] and evals == [lines[0]]

@@ -54,7 +54,8 @@ def test_resume_reproduces_uninterrupted_losses(char_data, tmp_path):
     saved_s = next(r["train_s"] for r in first_run if r["iter"] == 2 and "loss" in r)  # iterations 0-2
     res = run_tiny(char_data, part, dropout=0.1, router_jitter=0.1, init_from="resume")
     assert res["train_losses"] == pytest.approx(full[3:], rel=1e-6, abs=0)
-    resumed = read_metrics(part)[len(first_run):]
+    event, *resumed = read_metrics(part)[len(first_run):]
+    assert event["event"] == "resume" and event["iter"] == 3  # the restart's own record, first
     # train_s carries on from the checkpoint: the eval at iteration 3 reports the steps before it
     assert resumed[0]["val_loss"] and resumed[0]["train_s"] == saved_s
     assert all(r["train_s"] > saved_s for r in resumed if "loss" in r)

@@ -1,0 +1,56 @@
+"""One writer per out_dir (nanomoe_ds/run_lock.py): in-process, and with real runs killed for real."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_args
+from dist_utils import records, wait_for_iter
+
+from nanomoe_ds.config import ConfigError
+from nanomoe_ds.run_lock import RunLock
+
+
+def test_a_second_holder_is_refused_naming_the_first_until_it_lets_go(tmp_path):
+    first = RunLock.acquire(str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        RunLock.acquire(str(tmp_path))
+    assert re.fullmatch(rf"out_dir '{tmp_path}' is in use by another run \(pid {os.getpid()} on host "
+                        rf"{re.escape(socket.gethostname())}, since [\d-]+ [\d:]+\); two runs would overwrite each "
+                        r"other's checkpoints: wait for it to end or stop it, or choose another --out_dir", str(e.value))
+    first.release()
+    RunLock.acquire(str(tmp_path)).release()
+
+
+def train_cmd(char_data, out_dir, **over) -> list[str]:
+    return [sys.executable, "launch/train.py", *tiny_args(char_data, out_dir, **over)]
+
+
+def test_a_second_run_into_a_running_runs_out_dir_is_refused_and_a_kill_frees_it(char_data, tmp_path):
+    """Tried for real: a second run into a training run's out_dir stops in one line, before it writes
+    anything; after the first is killed -9 (the kernel drops its lock) a new run takes over and resumes."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(char_data, out, max_iters=100000, eval_interval=5, init_from="auto"),
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_iter(out, 12, [first])
+        second = subprocess.run(train_cmd(char_data, out, max_iters=20, init_from="auto"), cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert re.fullmatch(rf"error: out_dir '{out}' is in use by another run \(pid {first.pid} on host .*\n",
+                            second.stderr), second.stderr
+        assert first.poll() is None  # the first run trains on
+    finally:
+        first.kill()
+        first.communicate()
+    rows = [r for r in records(out) if "loss" in r]
+    assert [r["iter"] for r in rows] == list(range(len(rows)))  # one writer: its records alone, in order
+    third = subprocess.run(train_cmd(char_data, out, max_iters=rows[-1]["iter"] + 3, init_from="auto"), cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "resumed at iteration " in third.stdout
