@@ -26,6 +26,7 @@ versions are still read (LegacyCheckpoint).
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import random
@@ -139,9 +140,13 @@ def write_shard(directory: Path, rank: int, pieces) -> dict:
             f.flush()
             os.fsync(f.fileno())
         rng_path = directory / f"rng_{rank:05d}.pt"
-        torch.save(rng_state(), rng_path)
-        rng_bytes = rng_path.read_bytes()
-        _fsync_file(rng_path)
+        buffer = io.BytesIO()
+        torch.save(rng_state(), buffer)
+        rng_bytes = buffer.getvalue()
+        with open(rng_path, "wb") as f:
+            f.write(rng_bytes)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         return {"error": _disk_error(Path(e.filename) if e.filename else shard, e, needed)}
     except Exception as e:  # not the disk: still an answer, or rank 0 would wait for this rank in the gather
@@ -373,7 +378,6 @@ class Checkpoint:
             data = b""  # missing or unreadable: the checksum below says so
         if zlib.crc32(data) != info["crc"]:
             raise CheckpointError(f"{path} is corrupt (checksum mismatch); {self.fallback()}")
-        import io
         return torch.load(io.BytesIO(data), weights_only=False)
 
     def fallback(self) -> str:

@@ -138,18 +138,15 @@ class LocalEngine:
 
     def save(self, out_dir: str, state: dict):
         """The same format as every path: one shard holding every tensor whole."""
-        shapes = {checkpoint.tensor_key("model", n): list(p.shape) for n, p in self._tensors("model")}
-        pieces = [(checkpoint.tensor_key("model", n), 0, p.detach().view(-1)) for n, p in self._tensors("model")]
-        for kind in checkpoint.MOMENTS:
-            for n, value in self._tensors(kind):
-                shapes[checkpoint.tensor_key(kind, n)] = list(value.shape)
-                pieces.append((checkpoint.tensor_key(kind, n), 0, value.view(-1)))
+        tensors = {checkpoint.tensor_key(kind, n): value.detach()
+                   for kind in ("model", *checkpoint.MOMENTS) for n, value in self._tensors(kind)}
         steps = [int(st["step"]) for st in self.optimizer.state.values() if "step" in st]
         scale = None
         if self.scaler.is_enabled():
             scale = {"scale": self.scaler.get_scale(), "torch": self.scaler.state_dict()}
         meta = {**state, "topology": self.topology(), "optimizer_step": steps[0] if steps else 0,
-                "loss_scale": scale, "tensors": shapes}
+                "loss_scale": scale, "tensors": {key: list(value.shape) for key, value in tensors.items()}}
+        pieces = [(key, 0, value.view(-1)) for key, value in tensors.items()]
         checkpoint.save(out_dir, meta, pieces, rank=0, keep_last=self.t.keep_last)
 
     def _tensors(self, kind: str):
@@ -167,16 +164,16 @@ class LocalEngine:
         """Restore from a checkpoint saved by any engine at any topology; return its training state."""
         for n, value in self._tensors("model"):
             ckpt.read_into(checkpoint.tensor_key("model", n), 0, value.data.view(-1))
-        moments = ckpt.has(checkpoint.tensor_key(checkpoint.MOMENTS[0], next(n for n, _ in self._tensors("model"))))
-        for group in self.optimizer.param_groups if moments else ():
+        params = list(self.module.named_parameters())
+        if ckpt.has(checkpoint.tensor_key(checkpoint.MOMENTS[0], params[0][0])):
             # torch keeps `step` as a float32 tensor: on the parameter's device for fused AdamW, else on the CPU.
-            for p in group["params"]:
-                step_device = p.device if group.get("fused") else "cpu"
-                state = {"step": torch.tensor(float(ckpt.meta["optimizer_step"]), device=step_device)}
+            fused = self.optimizer.param_groups[0].get("fused")
+            for n, p in params:
+                step = torch.tensor(float(ckpt.meta["optimizer_step"]), device=p.device if fused else "cpu")
+                self.optimizer.state[p] = {"step": step}
                 for kind in checkpoint.MOMENTS:
-                    state[kind] = torch.empty_like(p)
-                    ckpt.read_into(checkpoint.tensor_key(kind, self._name(p)), 0, state[kind].view(-1))
-                self.optimizer.state[p] = state
+                    self.optimizer.state[p][kind] = torch.empty_like(p)
+                    ckpt.read_into(checkpoint.tensor_key(kind, n), 0, self.optimizer.state[p][kind].view(-1))
         scale = ckpt.meta.get("loss_scale")
         if scale is not None and self.scaler.is_enabled():  # from another engine: its scale only
             self.scaler.load_state_dict(scale.get("torch", {**self.scaler.state_dict(), "scale": scale["scale"]}))
@@ -184,11 +181,6 @@ class LocalEngine:
         if rng is not None:
             checkpoint.set_rng_state(rng)
         return ckpt.meta
-
-    def _name(self, p) -> str:
-        if not hasattr(self, "_names"):
-            self._names = {id(q): n for n, q in self.module.named_parameters()}
-        return self._names[id(p)]
 
 
 class Diverged(Exception):
