@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import traceback
 import zlib
 from pathlib import Path
 
@@ -150,7 +151,8 @@ def write_shard(directory: Path, rank: int, pieces) -> dict:
     except OSError as e:
         return {"error": _disk_error(Path(e.filename) if e.filename else shard, e, needed)}
     except Exception as e:  # not the disk: still an answer, or rank 0 would wait for this rank in the gather
-        return {"error": f"rank {rank}: {type(e).__name__}: {e}"}
+        traceback.print_exc()  # a bug: where it happened matters more than one line
+        return {"error": f"rank {rank}: {type(e).__name__}: {e}", "bug": True}
     files = {shard.name: {"bytes": position}, rng_path.name: {"bytes": len(rng_bytes), "crc": zlib.crc32(rng_bytes)}}
     return {"records": records, "files": files}
 
@@ -499,25 +501,29 @@ def save(out_dir: str, meta: dict, pieces, rank: int, keep_last: int, collective
     checkpoint as it was and no staging directory behind.
     """
     iter_num = meta["iter_num"]
-    error = prepare_staging(out_dir, iter_num) if rank == 0 else None
+    error, bug = prepare_staging(out_dir, iter_num) if rank == 0 else None, False
     error = collectives.broadcast(error)
     if error is None:
         parts = collectives.gather(write_shard(staging_dir(out_dir, iter_num), rank, pieces))
         if rank == 0:
-            error = next((part["error"] for part in parts if "error" in part), None)
-            if error is None:
+            failed = next((part for part in parts if "error" in part), None)
+            if failed is None:
                 index = {"format": FORMAT_VERSION, **meta, "records": [r for part in parts for r in part["records"]],
                          "files": {k: v for part in parts for k, v in part["files"].items()}}
                 try:
                     error = commit(out_dir, iter_num, index, keep_last)
                 except Exception as e:  # not a disk error (e.g. check_index): still tell the other ranks
+                    traceback.print_exc()
                     shutil.rmtree(staging_dir(out_dir, iter_num), ignore_errors=True)
-                    error = f"{type(e).__name__}: {e}"
+                    error, bug = f"{type(e).__name__}: {e}", True
             else:
                 shutil.rmtree(staging_dir(out_dir, iter_num), ignore_errors=True)
-        error = collectives.broadcast(error)
+                error, bug = failed["error"], failed.get("bug", False)
+        error, bug = collectives.broadcast((error, bug))
     if error is not None:
         last = committed(out_dir)
         kept = f"the last committed checkpoint, {last[-1][1].name}, is intact" if last else "no checkpoint was committed"
-        raise CheckpointError(f"cannot save the checkpoint of iteration {iter_num}: {error}; {kept}; free space or "
-                              "choose another --out_dir, then continue with --init_from=resume")
+        advice = ("this is a bug, not the disk (its traceback is above on the rank named): please report it"
+                  if bug else "free space or choose another --out_dir")
+        raise CheckpointError(f"cannot save the checkpoint of iteration {iter_num}: {error}; {kept}; {advice}, "
+                              "then continue with --init_from=resume")

@@ -12,6 +12,11 @@ every tensor to ranges of the flattened whole tensor, per DeepSpeed 0.19.8's lay
 - ZeRO-0 partitions nothing: every replica holds all of it (in fp32 the parameters are
   the optimizer's own; in bf16/fp16 each has an fp32 copy in `fp32_groups`). The
   replicas split the writing evenly, so each element is still written once.
+- ZeRO-3 partitions every parameter itself: rank r of its group holds elements
+  [r * part, (r + 1) * part) of the flattened whole (the last ranks' partitions are padded
+  past its end), in the compute dtype as the parameter's `ds_tensor`, and in fp32 at one
+  place of the optimizer's flat partition, where the AdamW moments sit too (DeepSpeed's
+  `safe_get_local_*` accessors return those places). The model keeps no whole copy.
 - Expert parameters hold rows `ep_rank * E/ep_size ...` of the whole [E, ...] tensor,
   replicated over the expert-data-parallel group; dense ones are replicated over all ranks.
 
@@ -46,6 +51,24 @@ class DistCollectives:
 # ---------------------------------------------------------------- where a parameter's share lives
 def _is_wrapped(p) -> bool:
     return hasattr(p, "_dp_group")  # ZeRO-1/2 and the bf16 optimizer link every parameter
+
+
+def _is_zero3(p) -> bool:
+    return hasattr(p, "ds_id")  # ZeRO-3 gives every parameter it partitions an id
+
+
+def _zero3_range(p) -> tuple[int, int]:
+    """(start, numel) of the flattened whole that this rank's ZeRO-3 partition of p holds, padding excluded."""
+    part = p.ds_tensor.ds_numel
+    start = dist.get_rank(group=p.ds_process_group) * part
+    return start, max(0, min(part, p.ds_numel - start))
+
+
+def _zero3_local(p, kind: str) -> torch.Tensor:
+    """This rank's fp32 partition of p (kind "model") or of its AdamW moment `kind`, padding excluded: a view."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+    local = safe_get_local_fp32_param(p) if kind == "model" else safe_get_local_optimizer_state(p, kind)
+    return local.view(-1).narrow(0, 0, _zero3_range(p)[1])
 
 
 def _inner(optimizer):
@@ -87,6 +110,8 @@ def _rows_offset(p) -> int:
 
 
 def global_shape(p) -> list[int]:
+    if _is_zero3(p):
+        return list(p.ds_shape)
     group = ds_groups.expert_group_of(p)
     rows = p.shape[0] * (1 if group is None else dist.get_world_size(group))
     return [rows, *p.shape[1:]] if p.dim() else []
@@ -125,7 +150,11 @@ def owned_pieces(model, optimizer, rank: int):
     for n, p in model.named_parameters():
         base = _rows_offset(p)
         for kind in kinds:
-            if _is_wrapped(p):
+            if _is_zero3(p):
+                start, numel = _zero3_range(p)
+                if numel:
+                    yield tensor_key(kind, n), start, _zero3_local(p, kind)
+            elif _is_wrapped(p):
                 if p._hp_mapping is not None:
                     yield tensor_key(kind, n), base + p._hp_mapping.lp_fragment_address.start, _fragment(optimizer, p,
                                                                                                          kind)
@@ -165,13 +194,22 @@ def save(engine, model, out_dir: str, state: dict, topology: dict, keep_last: in
 def _ensure_state(optimizer, step: int):
     """AdamW creates its state at the first step; a resume writes into it before that."""
     inner = _inner(optimizer)
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            state = inner.state[flat]
-            for key in MOMENTS:
-                state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-            device = flat.device if group.get("fused") or group.get("capturable") else "cpu"
-            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+    for group, flat in _flat_partitions(optimizer):
+        state = inner.state[flat]
+        for key in MOMENTS:
+            state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+        device = flat.device if group.get("fused") or group.get("capturable") else "cpu"
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+def _flat_partitions(optimizer):
+    """(torch param group, tensor the torch optimizer steps) pairs. ZeRO-3 hands its fp32 partitions
+    to the torch optimizer's groups only while it steps them, so they are listed from its own record."""
+    inner = _inner(optimizer)
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return [(inner.param_groups[optimizer.sub_group_to_group_id[i]], flat)
+                for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat)]
+    return [(group, flat) for group in inner.param_groups for flat in group["params"]]
 
 
 @torch.no_grad()
@@ -181,6 +219,9 @@ def restore_(model, optimizer, ckpt: checkpoint.Checkpoint):
     if with_moments:
         _ensure_state(optimizer, ckpt.meta["optimizer_step"])
     for n, p in model.named_parameters():
+        if _is_zero3(p):
+            _restore_zero3(p, n, ckpt, with_moments)
+            continue
         base = _rows_offset(p)
         # The weights: the model's copy is whole on every rank at ZeRO-0/1/2; read it in place when fp32.
         weights = p.data.view(-1) if p.dtype == torch.float32 else torch.empty(p.numel(), device=p.device)
@@ -204,6 +245,18 @@ def restore_(model, optimizer, ckpt: checkpoint.Checkpoint):
             ckpt.read_into(tensor_key("model", n), 0, b.view(-1))
 
 
+def _restore_zero3(p, name: str, ckpt: checkpoint.Checkpoint, with_moments: bool):
+    """This rank's partition of a ZeRO-3 parameter: the fp32 master, the compute-dtype copy, the moments."""
+    start, numel = _zero3_range(p)
+    if not numel:
+        return
+    master = _zero3_local(p, "model")
+    ckpt.read_into(tensor_key("model", name), start, master)
+    p.ds_tensor.data.view(-1).narrow(0, 0, numel).copy_(master)  # what the next forward gathers
+    for kind in MOMENTS if with_moments else ():
+        ckpt.read_into(tensor_key(kind, name), start, _zero3_local(p, kind))
+
+
 def set_loss_scale(engine, saved: dict | None):
     if saved is None or not engine.fp16_enabled():
         return
@@ -216,6 +269,11 @@ def set_loss_scale(engine, saved: dict | None):
 def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
     """Restore this rank from a checkpoint saved at any topology; return how (a line for rank 0)."""
     failure = None
+    # ZeRO-3 keeps whole copies of its small ("persistent") parameters between steps: release them
+    # before the partitions change, gather them again once every rank has read its share.
+    zero3 = engine.zero_optimization_partition_weights()
+    if zero3:
+        engine.optimizer.checkpoint_event_prologue()
     try:
         restore_(model, engine.optimizer, ckpt)
         set_loss_scale(engine, ckpt.meta.get("loss_scale"))
@@ -231,6 +289,8 @@ def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
         raise failure
     if failed.item():
         raise checkpoint.CheckpointError(f"another rank could not read {ckpt.directory} (its error says why)")
+    if zero3:
+        engine.optimizer.checkpoint_event_epilogue()
     saved = ckpt.meta["topology"]
     how = "same topology" if saved == topology else f"resharded from {checkpoint.describe(saved)}"
     return f"resuming iteration {ckpt.meta['iter_num']} from {ckpt.directory} ({how})"

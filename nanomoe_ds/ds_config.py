@@ -92,9 +92,6 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     if m.use_moe and stage == 3:
         raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
                           "(ds_configs/zero1.json, zero2.json)")
-    if stage == 3:  # its partitioned parameters are not in the layout ds_checkpoint reads and writes
-        raise ConfigError("ZeRO-3 is not supported: this trainer's checkpoints cannot save its partitioned "
-                          "parameters yet; use ZeRO-1 or ZeRO-2 (ds_configs/zero1.json, zero2.json)")
     if m.use_moe and stage == 0 and dtype == "float16":
         raise ConfigError("fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE gradient clip on "
                           "ZeRO-0 would see loss-scaled gradients; use ZeRO-1 (ds_configs/fp16.json) or bf16")

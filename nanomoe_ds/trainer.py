@@ -514,8 +514,8 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
             tally.add()
     with record_function("optimizer"):
         grad_norm = engine.step(lr)
-    if model.config.bias_update_rate > 0:  # one all-reduce for every layer's load
-        layers = model.moe_layers()
+    layers = model.moe_layers()
+    if model.config.bias_update_rate > 0 and layers:  # one all-reduce for every layer's load (a dense model has none)
         loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
         for layer, load in zip(layers, loads):
             layer.update_bias(model.config.bias_update_rate, load)

@@ -57,12 +57,15 @@ def train_rows(out_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, open(Path(out_dir) / "metrics.jsonl")) if "loss" in r]
 
 
-def ds_json(tmp_path, name="zero2", bf16=False, **top) -> str:
-    """A shipped DeepSpeed JSON with bf16 on or off (fp32 for exact comparisons), written to tmp_path."""
+def ds_json(tmp_path, name="zero2", bf16=False, zero: dict | None = None, **top) -> str:
+    """A shipped DeepSpeed JSON with bf16 on or off (fp32 for exact comparisons), written to tmp_path;
+    `zero` updates its zero_optimization block, `top` its top level."""
     cfg = json.load(open(REPO / "ds_configs" / f"{name}.json"))
     cfg["bf16"] = {"enabled": bf16}
+    cfg["zero_optimization"].update(zero or {})
     cfg.update(top)
-    path = Path(tmp_path) / f"{name}_{'bf16' if bf16 else 'fp32'}.json"
+    edited = "_" + "_".join(f"{k}{v}" for k, v in (zero or {}).items()) if zero else ""
+    path = Path(tmp_path) / f"{name}{edited}_{'bf16' if bf16 else 'fp32'}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 

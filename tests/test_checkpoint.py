@@ -25,11 +25,19 @@ OVER = dict(eval_interval=3, grad_clip=0.5, num_experts=4, num_experts_per_tok=2
 TOPOLOGIES = {  # name: (ranks, ep_size, DeepSpeed JSON or None for the single-device trainer); fp32 unless named
     "local": (1, 1, None), "w2ep2-zero2": (2, 2, "zero2"), "w2ep1-zero2": (2, 1, "zero2"),
     "w2ep2-zero1": (2, 2, "zero1"), "w2ep2-zero0": (2, 2, "zero0"), "w2ep2-zero0-bf16": (2, 2, "zero0"),
+    # Dense models (DeepSpeed's ZeRO-3 takes no native MoE). "w2-zero3" partitions every parameter
+    # (persistence threshold 0); "-persistent" keeps the shipped threshold, under which every parameter
+    # of this tiny model stays whole on each rank between steps as well.
+    "local-dense": (1, 1, None), "w2-zero2-dense": (2, 1, "zero2"), "w2-zero3-dense": (2, 1, "zero3"),
+    "w2-zero3-dense-persistent": (2, 1, "zero3"), "w2-zero3-dense-bf16": (2, 1, "zero3"),
 }
+PARTITION_EVERYTHING = {"stage3_param_persistence_threshold": 0}
 
 
 def run_at(topology: str, char_data, out_dir, tmp_path, **over):
     ranks, ep_size, json_name = TOPOLOGIES[topology]
+    if "dense" in topology:  # an odd width: ZeRO-3 pads most tensors to split them in two
+        over = {"use_moe": False, "n_embd": 33, "n_head": 3, **over}
     args = tiny_args(char_data, out_dir, **{**OVER, **over})
     if json_name is None:
         model_cfg, train_cfg = from_argv(args)
@@ -42,7 +50,8 @@ def run_at(topology: str, char_data, out_dir, tmp_path, **over):
         finally:
             torch.set_num_threads(threads)
         return
-    ds = ds_json(tmp_path, json_name, bf16=topology.endswith("bf16"))
+    zero = PARTITION_EVERYTHING if json_name == "zero3" and not topology.endswith("persistent") else None
+    ds = ds_json(tmp_path, json_name, bf16=topology.endswith("bf16"), zero=zero)
     for r in run_ranks(ranks, ["--deepspeed_config", ds, *args, f"--ep_size={ep_size}"]):
         assert r.returncode == 0, r.stderr[-3000:]
 
@@ -72,6 +81,10 @@ def saved(char_data, tmp_path_factory):
     ("w2ep2-zero2", "w2ep2-zero1"),  # ZeRO-2 -> ZeRO-1
     ("w2ep2-zero0", "local"),  # ZeRO-0, the optimizer's own parameters
     ("w2ep2-zero0-bf16", "local"),  # ZeRO-0 bf16 (the shipped zero0.json): fp32 copies; bf16 vs fp32 tolerance
+    ("w2-zero3-dense", "local-dense"),  # ZeRO-3 partitions -> one device
+    ("local-dense", "w2-zero3-dense"),  # one device -> ZeRO-3 partitions
+    ("w2-zero2-dense", "w2-zero3-dense-persistent"),  # ZeRO-2 -> ZeRO-3 with whole persistent parameters
+    ("w2-zero3-dense-bf16", "local-dense"),  # the shipped zero3.json: bf16 partitions, fp32 masters
 ])
 def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_path, source, target):
     at3, continued = saved(source)
@@ -117,6 +130,21 @@ def test_each_rank_writes_its_share_once(saved):
     assert sum(sizes) == 4 * elements  # the state, once: no second copy of it
     assert abs(sizes[0] - sizes[1]) < 0.1 * sum(sizes)  # split evenly (rank 0 also has the router biases)
     assert not list(at3.glob("iter_3/*.pt")) or all(p.name.startswith("rng_") for p in at3.glob("iter_3/*.pt"))
+
+
+def test_zero3_ranks_write_their_partitions_without_the_padding(saved):
+    """ZeRO-3 pads each parameter to a multiple of the ranks; the shards hold every element once, no padding."""
+    at3, _ = saved("w2-zero3-dense")
+    ck = checkpoint.open_checkpoint(str(at3))
+    assert ck.meta["topology"]["zero_stage"] == 3
+    shapes = ck.meta["tensors"]
+    assert shapes["model/transformer.wte.weight"] == [65, 33]  # the whole shape, not a partition's
+    assert sum(int(torch.tensor(shape).prod()) % 2 for shape in shapes.values()) > 10  # tensors with padding
+    elements = sum(int(torch.tensor(shape).prod()) for shape in shapes.values())
+    sizes = [p.stat().st_size for p in sorted(at3.glob("iter_3/shard_*.bin"))]
+    assert len(sizes) == 2 and sum(sizes) == 4 * elements
+    assert abs(sizes[0] - sizes[1]) < 0.1 * sum(sizes)
+    assert ck.whole("exp_avg_sq/transformer.h.0.mlp.c_fc.weight").abs().sum() > 0
 
 
 @pytest.mark.parametrize("source", ["local", "w2ep2-zero2"])
@@ -385,6 +413,20 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(char_data, tmp_
     assert read["rc3"].strip() == "2"
     assert read["err3"] == (f"error: out_dir '{mnt / 'new'}' is not writable (read-only file system): checkpoints and "
                             "metrics go there; choose another --out_dir\n")
+
+
+def test_a_save_that_fails_for_another_reason_than_the_disk_says_so(tmp_path, capsys):
+    """Only a disk error gets the disk's advice; anything else is a bug, with its traceback kept."""
+    def pieces():
+        raise KeyError("exp_avg")
+        yield
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save(str(tmp_path), {"iter_num": 3}, pieces(), rank=0, keep_last=1)
+    assert str(e.value) == ("cannot save the checkpoint of iteration 3: rank 0: KeyError: 'exp_avg'; no checkpoint "
+                            "was committed; this is a bug, not the disk (its traceback is above on the rank named): "
+                            "please report it, then continue with --init_from=resume")
+    assert "Traceback" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no staging directory left
 
 
 # ------------------------------------------------------------ memory: a rank holds its share, never the whole

@@ -28,7 +28,8 @@ Measured on each rank around the operation, between two barriers:
 Next to them: the training state, 12 bytes per parameter (fp32 weights and AdamW's two
 moments), and one rank's share of it (the state / W: ZeRO-2 partitions the dense parameters
 over all ranks and each expert over its expert-data-parallel group, W / ep_size ranks, each
-of which holds 1 / ep_size of the experts). Issue 17's targets: added peak <= 1.25x the share
+of which holds 1 / ep_size of the experts; `--zero 3` runs a dense model under ZeRO-3, which
+partitions the weights themselves too). Issue 17's targets: added peak <= 1.25x the share
 (plus a small constant), bytes <= 1.1x the state, a save at 4 ranks <= 0.65x the time at 2.
 
 The library is imported from this repository, or from $NANOMOE_SRC if set (the ranks inherit
@@ -39,6 +40,7 @@ helpers (bench_step, bench_engine) and ds_configs/ always come from this reposit
     NANOMOE_SRC=/path/to/old/tree python launch/bench/bench_ckpt.py --worlds 2,4
     python launch/bench/bench_ckpt.py --tiny --worlds 2      # ~1M params, a smoke test (load at 2 ranks: same topology)
     python launch/bench/bench_ckpt.py --worlds 2 --load_worlds 4 --vocab_size=50304   # --key=value: model/train overrides
+    python launch/bench/bench_ckpt.py --zero 3 --ep_size 1 --use_moe=False          # a dense model under ZeRO-3
 """
 from __future__ import annotations
 
@@ -158,7 +160,8 @@ def worker(args, overrides: list[str]):
     try:
         argv = SEED_LINE + (TINY if args.tiny else MODEL) + [
             "--dtype=float32", "--batch_size=1", f"--gradient_accumulation_steps={world}", f"--ep_size={args.ep_size}",
-            f"--deepspeed_config={ds_json('zero2', 'fp32', None, rank_tmp)}", f"--out_dir={args.out_dir}"] + overrides
+            f"--deepspeed_config={ds_json(f'zero{args.zero}', 'fp32', None, rank_tmp)}", f"--out_dir={args.out_dir}"
+        ] + overrides
         model_cfg, train_cfg = from_argv(argv)
         factory = make_engine_factory(model_cfg, train_cfg)
         torch.manual_seed(train_cfg.seed)  # as trainer.build_model (which would also take the data's vocab)
@@ -224,7 +227,8 @@ def run_ranks(world: int, phase: str, out_dir: Path, run_dir: Path, a, overrides
                    MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                    PYTHONWARNINGS="ignore", NANOMOE_SRC=str(SRC))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--out_dir", str(out_dir),
-               "--tmp", str(run_dir), "--ep_size", str(a.ep_size)] + (["--tiny"] if a.tiny else []) + overrides
+               "--tmp", str(run_dir), "--ep_size", str(a.ep_size), "--zero", str(a.zero)] + (["--tiny"] if a.tiny else [])
+        cmd += overrides
         log = run_dir / f"{phase}_w{world}_rank{r}.log"
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
     deadline = time.time() + a.timeout
@@ -288,7 +292,8 @@ def row(op: str, res: list[dict]) -> str:
 def report(a, cmd: str, runs: list[tuple[str, list[dict]]], elapsed: float) -> str:
     first = runs[0][1][0]
     from importlib.metadata import version
-    L = [f"## Checkpoint cost: save, and load at another world size (fp32, ZeRO-2, ep_size {a.ep_size}, CPU ranks, gloo)",
+    L = [f"## Checkpoint cost: save, and load at another world size (fp32, ZeRO-{a.zero}, ep_size {a.ep_size}, CPU ranks, "
+         "gloo)",
          "",
          f"Model: {'--tiny ' if a.tiny else ''}{' '.join((TINY if a.tiny else MODEL) + a.overrides)}: "
          f"{first['params'] / 1e6:.1f}M parameters ({first['expert_params'] / 1e6:.1f}M in experts); state "
@@ -330,6 +335,8 @@ def main():
                     help="world size to load each save at (comma list, same length; default: the next entry of "
                          "--worlds, cyclically, or the same world if there is one)")
     ap.add_argument("--ep_size", type=int, default=2)
+    ap.add_argument("--zero", type=int, default=2, choices=(1, 2, 3),
+                    help="the shipped ds_configs/zero<N>.json (bf16 off); ZeRO-3 needs --use_moe=False")
     ap.add_argument("--tiny", action="store_true", help="a ~1M-parameter model: a smoke test, well under a minute")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for each set of ranks")
     ap.add_argument("--keep", default="", help="keep the checkpoints and rank logs in this directory")
