@@ -38,3 +38,14 @@ def test_bench_step_times_every_variant():
     out = run_script("launch/bench/bench_step.py", "--steps=1", "--warmup=0", "--n_layer=2")
     for name in ("dense", "moe-10x2", "moe-8x2-h256"):
         assert float(table_rows(out, name)[0][2]) > 0
+
+
+def test_bench_layer_times_each_kernel_and_the_parts_of_a_layer():
+    out = run_script("launch/bench/bench.py", "--shapes=4x2x64", "--tokens=64", "--n_embd=32", "--dtype=fp32",
+                     "--variants=dense,ours", "--impls=grouped_mm,loop", "--repeats=1", "--parts")
+    rows = table_rows(out, "4x2x64        ")
+    assert [row[2] for row in rows] == ["dense", "ours (auto: bmm)", "ours grouped_mm", "ours loop"]
+    assert all(float(row[3]) > 0 for row in rows)
+    parts = re.search(r"ours, ms forward\+backward: layer ([\d.]+), router\+permute\+gather ([\d.]+), "
+                      r"experts ([\d.]+), combine ([\d.]+), the rest (-?[\d.]+)", out)
+    assert parts and all(float(v) > 0 for v in parts.groups()[:4]), out

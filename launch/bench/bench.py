@@ -17,6 +17,7 @@ torch.cuda.max_memory_allocated on CUDA, from the profiler's allocation events o
 
     python launch/bench/bench.py                                # everything, CPU, 2 threads
     python launch/bench/bench.py --shapes 64x8x192 --dtype bf16 --variants dense,ours --profile
+    python launch/bench/bench.py --shapes 8x2x256 --tokens 768 --n_embd 128 --dtype fp32 --variants dense,ours --parts
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from nanomoe_ds import kernels
 from nanomoe_ds.config import GPTConfig, validate_model
+from nanomoe_ds.dispatch import gather_tokens, permute, unpermute
 from nanomoe_ds.moe import MLP, MoE, init_moe_
 
 VARIANTS = ("dense", "ours", "seed", "ds")
@@ -120,7 +122,7 @@ def build(name: str, impl: str, E: int, k: int, h: int, d: int, device: str) -> 
     if name == "dense":
         m = MLP(d, k * h, bias=True)
     elif name == "ours":
-        cfg = GPTConfig(use_moe=True, n_embd=d, n_head=6, num_experts=E, num_experts_per_tok=k,
+        cfg = GPTConfig(use_moe=True, n_embd=d, n_head=1, num_experts=E, num_experts_per_tok=k,
                         expert_hidden=h, moe_impl=impl, dropout=0.0, bias=True)
         validate_model(cfg)
         m = MoE(cfg)
@@ -182,6 +184,39 @@ def profile_ours(model, x, g, autocast_dtype, rows: int = 25):
     print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
+def moe_parts(moe: MoE, x: torch.Tensor) -> dict:
+    """Closures that each run one part of a dropless MoE layer's forward+backward, as MoE.forward does,
+    on fixed inputs: where a layer's time goes, besides the whole (--parts)."""
+    xt = x.detach().reshape(-1, x.shape[-1]).requires_grad_()
+    idx, w, _, _ = moe.router(xt)
+    perm = permute(idx, w, moe.num_experts)
+    xs = gather_tokens(xt, perm).detach().requires_grad_()
+    ys = moe.experts(xs, perm.counts).detach().requires_grad_()
+    weights = w.detach().requires_grad_()
+
+    def route():
+        topk_idx, topk_w, _, _ = moe.router(xt)
+        (gather_tokens(xt, permute(topk_idx, topk_w, moe.num_experts)).sum() + topk_w.sum()).backward()
+
+    return {"router+permute+gather": route, "experts": lambda: moe.experts(xs, perm.counts).sum().backward(),
+            "combine": lambda: unpermute(ys, perm, weights).sum().backward()}
+
+
+def time_interleaved(fns: dict, repeats: int, device: str) -> dict:
+    """Median seconds of each closure, one call of each per round, rotating the order; round 0 warms up."""
+    times = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(repeats + 1):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -194,6 +229,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192, help="a multiple of 8 (batch 8 x tokens/8)")
     ap.add_argument("--n_embd", type=int, default=384)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table for our auto layer")
+    ap.add_argument("--parts", action="store_true",
+                    help="fp32: also time our auto layer's parts (router+permute+gather, experts, combine)")
     args = ap.parse_args()
     if args.tokens % 8 or not set(args.dtype.split(",")) <= {"fp32", "bf16"}:
         ap.error("--tokens must be a multiple of 8 and --dtype a comma list of fp32, bf16")
@@ -232,17 +269,8 @@ def main():
             torch.manual_seed(1)
             x = torch.randn(8, T // 8, d, device=device, requires_grad=True)
             g = torch.randn(8, T // 8, d, device=device)
-            times = {label: [] for label in models}
-            order = list(models)
-            for r in range(args.repeats + 1):  # round 0 is the warmup
-                for label in order[r % len(order):] + order[:r % len(order)]:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    step(models[label], x, g, ac)
-                    sync(device)
-                    if r > 0:
-                        times[label].append(time.perf_counter() - t0)
-            med = {label: statistics.median(ts) for label, ts in times.items()}
+            med = time_interleaved({label: (lambda m=model: step(m, x, g, ac)) for label, model in models.items()},
+                                   args.repeats, device)
             ref = med.get("dense")
             for label, model in models.items():
                 mb = peak_bytes(model, x, g, ac, device) / 2**20
@@ -255,6 +283,12 @@ def main():
                 print(f"#   ours: tokens per expert max/mean {(c.max() / c.mean()).item():.3f}")
                 if args.profile:
                     profile_ours(ours, x, g, ac)
+                if args.parts and ac is None:
+                    parts = {"layer": lambda: step(ours, x, g, None), **moe_parts(ours, x)}
+                    part_s = time_interleaved(parts, args.repeats, device)
+                    rest = part_s["layer"] - sum(v for name, v in part_s.items() if name != "layer")
+                    print("#   ours, ms forward+backward: " + ", ".join(f"{name} {v * 1e3:.2f}" for name, v in
+                                                                       part_s.items()) + f", the rest {rest * 1e3:.2f}")
     print(f"# total {time.perf_counter() - t_start:.0f} s")
 
 
