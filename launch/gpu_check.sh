@@ -19,6 +19,8 @@
 #      checkpointing, and under DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2 (stages kept on one GPU),
 #      interleaved in one process: step ratios, tokens/s, MFU, step peak memory
 #   5. with 2+ GPUs: EP=2 on NCCL against one GPU, fp32, same global batch
+#   6. step 3's E=8 layer under torch.compile: the grouped GEMM's bias folded into the
+#      activation's kernel by inductor, against compiled bmm (does grouped_mm win at E=8 then?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -163,6 +165,10 @@ else
 fi
 
 note ""
+step "6. the E=8 layer compiled: the grouped GEMM's bias as an epilogue of the activation, against bmm" 150 \
+    python3 launch/bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --n_embd 768 --tokens 32768 \
+    --variants dense,ours --impls bmm --repeats 10 --compile
+
 note "failed steps: $FAILED; total $SECONDS s"
 rm -rf "$WORK"
 exit "$FAILED"

@@ -299,6 +299,12 @@ class _AddGroupedBias(torch.autograd.Function):
     an expert adds atomically into the same bias row, which serialises (and in bf16
     runs as compare-and-swap loops). The rows of an expert are contiguous, so the
     bias gradient is a segment sum instead, accumulated in fp32.
+
+    torch._grouped_mm takes no bias. Eager, the forward gathers an [N, d_out] bias
+    tensor. Under torch.compile, inductor computes the gather, the add and the
+    activation after it in one elementwise pass over the GEMM's output, so the bias
+    is an epilogue and is never gathered into memory (a test in test_moe checks the
+    generated code).
     """
 
     @staticmethod

@@ -805,6 +805,32 @@ def test_compile_grouped_mm_is_one_graph(checkpointed):
     torch._dynamo.reset()
 
 
+def test_compile_folds_the_grouped_gemm_bias_into_the_activation():
+    """Eager, the grouped path adds each row's expert bias by gathering an [N, hidden] bias tensor first.
+    Under torch.compile (the trainer's default) inductor computes that gather, the add and the GELU
+    in one elementwise pass over the GEMM's output: the bias becomes its epilogue, with no gathered
+    tensor in memory. Inductor's CPU code shows it as well as its CUDA code would (kernel names list
+    the ops they fused; torch is pinned)."""
+    import re
+
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, D, H, impl="grouped_mm").to(torch.bfloat16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02)
+    counts = torch.tensor([5, 0, 7, 4])
+    x = torch.randn(int(counts.sum()), D, dtype=torch.bfloat16)
+    eager = experts(x, counts)
+    compiled, (forward_code, *_) = run_and_get_code(torch.compile(experts, fullgraph=True), x, counts)
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+    kernels = set(re.findall(r"^(cpp_fused_\w+) = ", forward_code, re.MULTILINE))
+    assert any("index_select" in k and "gelu" in k for k in kernels), kernels  # bias + activation, one pass
+    assert "aten.index_select" not in forward_code  # no bias gathered on its own
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- 8. config validation
 
 BAD = {

@@ -18,6 +18,7 @@ torch.cuda.max_memory_allocated on CUDA, from the profiler's allocation events o
     python launch/bench/bench.py                                # everything, CPU, 2 threads
     python launch/bench/bench.py --shapes 64x8x192 --dtype bf16 --variants dense,ours --profile
     python launch/bench/bench.py --shapes 8x2x256 --tokens 768 --n_embd 128 --dtype fp32 --variants dense,ours --parts
+    python launch/bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --variants dense,ours --compile
 """
 from __future__ import annotations
 
@@ -229,6 +230,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192, help="a multiple of 8 (batch 8 x tokens/8)")
     ap.add_argument("--n_embd", type=int, default=384)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table for our auto layer")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every layer (inductor then fuses the grouped GEMM's bias with the activation)")
     ap.add_argument("--parts", action="store_true",
                     help="fp32: also time our auto layer's parts (router+permute+gather, experts, combine)")
     args = ap.parse_args()
@@ -246,7 +249,8 @@ def main():
     torch.set_num_threads(args.threads)  # after DeepSpeed, which may set its own
 
     print(f"# {datetime.date.today()}  torch {torch.__version__}  device {device} ({machine_name(device)})  threads "
-          f"{torch.get_num_threads()}  tokens {T}  n_embd {d}  median of {args.repeats}")
+          f"{torch.get_num_threads()}  tokens {T}  n_embd {d}  median of {args.repeats}"
+          + ("  torch.compile" if args.compile else ""))
     print(f"# {' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}")
     header = f"| {'shape':<14} | {'dtype':<5} | {'layer':<22} | {'ms':>8} | {'x dense':>7} | {'peak MB':>8} |"
     print(header)
@@ -266,6 +270,8 @@ def main():
                 rows += [(f"ours {i}", "ours", i) for i in impls if i != picked and kernels.runs(i, target, (d, h))]
             rows += [(v, v, None) for v in ("seed", "ds") if v in variants]
             models = {label: build(v, impl or "auto", E, k, h, d, device) for label, v, impl in rows}
+            if args.compile:  # each layer as torch.compile captures it; compiling happens in the warmup round
+                models = {label: torch.compile(model) for label, model in models.items()}
             torch.manual_seed(1)
             x = torch.randn(8, T // 8, d, device=device, requires_grad=True)
             g = torch.randn(8, T // 8, d, device=device)
