@@ -13,41 +13,29 @@ gradients would belong to another computation:
   - top-k and capacity drops are functions of the same input and weights;
   - so the all-to-all split sizes of expert parallelism are the same too, and every rank
     recomputes its blocks in the same backward order, so the exchanges pair up.
-What a forward records besides its output (the MoE layers' load count for bias
-balancing, the routing statistics for the logs) is recorded once: the recompute runs
-under `moe.recomputing()`. DeepSpeed's own activation checkpointing needs model code to
-call it; its JSON block is mapped onto this one by ds_config.activation_checkpointing.
+Blocks record nothing themselves: an MoE block returns its routing record (aux terms,
+load, statistics) and GPT.forward keeps it, outside the checkpoint. So the recompute has no
+side effects to repeat, and torch.compile captures a checkpointed block whole, MoE or not.
+DeepSpeed's own activation checkpointing needs model code to call it; its JSON block is
+mapped onto this one by ds_config.activation_checkpointing.
 """
 from __future__ import annotations
-
-from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .model import GPT
-from .moe import MoE, recomputing
-
-
-def _contexts():
-    """(context of the first forward, context of the recompute), as torch.utils.checkpoint's context_fn."""
-    return nullcontext(), recomputing()
 
 
 def checkpoint_blocks_(model: GPT):
     """Recompute every block of `model` in backward instead of keeping its activations, in place."""
     for block in model.transformer.h:
-        block.forward = _checkpointed(block.forward, records=isinstance(block.mlp, MoE))
+        block.forward = _checkpointed(block.forward)
 
 
-def _checkpointed(forward, records: bool):
-    """`records`: the block records routing (an MoE block) and its replay must not record it again.
-    Only those blocks get a context_fn: torch.compile captures a block without such side effects
-    whole, and its captured checkpoint takes no context managers of this kind."""
-    options = dict(use_reentrant=False, preserve_rng_state=True, **({"context_fn": _contexts} if records else {}))
-
-    def checkpointed_forward(x: torch.Tensor) -> torch.Tensor:
+def _checkpointed(forward):
+    def checkpointed_forward(x: torch.Tensor):
         if not torch.is_grad_enabled():  # eval, sampling: nothing is kept for a backward anyway
             return forward(x)
-        return checkpoint(forward, x, **options)
+        return checkpoint(forward, x, use_reentrant=False, preserve_rng_state=True)
     return checkpointed_forward

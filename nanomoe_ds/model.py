@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .config import HF_ACTIVATIONS, ConfigError, GPTConfig
-from .moe import MLP, MoE, init_moe_
+from .moe import MLP, MoE, Routing, init_moe_
 
 
 class LayerNorm(nn.Module):
@@ -58,10 +58,16 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout, cfg.activation)
 
-    def forward(self, x):
+    def forward(self, x) -> tuple[torch.Tensor, Routing | None]:
+        """-> (output, the MoE layer's Routing, or None in a dense block). GPT.forward records the
+        Routing, outside the block: a block is then a pure function, which activation checkpointing
+        may recompute and torch.compile may capture with its checkpoint."""
         with record_function("attention"):  # a named range for --profile
             x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))  # the residual the seed dropped
+        if isinstance(self.mlp, MoE):
+            out, routing = self.mlp(self.ln_2(x))
+            return x + out, routing
+        return x + self.mlp(self.ln_2(x)), None  # the residual the seed dropped
 
 
 def fused_adamw_supported(device_type: str) -> bool:
@@ -131,7 +137,9 @@ class GPT(nn.Module):
         pos = torch.arange(0, t, dtype=torch.long, device=device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x, routing = block(x)
+            if routing is not None:
+                block.mlp.record(routing)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position

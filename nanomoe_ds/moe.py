@@ -14,8 +14,7 @@ experts with a grouped GEMM over expert-sorted tokens).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -25,22 +24,6 @@ from torch.profiler import record_function
 from . import kernels
 from .config import GPTConfig
 from .dispatch import capacity, gather_rows, gather_tokens, permute, unpermute
-
-
-class _Replay:
-    """Set while activation checkpointing replays a forward in backward (activation_checkpoint.py):
-    the replay routes identically, and what a forward records besides its output is recorded once.
-    A class attribute, not a ContextVar: torch.compile can read it (and guards on it)."""
-    active = False
-
-
-@contextmanager
-def recomputing():
-    previous, _Replay.active = _Replay.active, True
-    try:
-        yield
-    finally:
-        _Replay.active = previous
 
 
 class Router(nn.Module):
@@ -343,6 +326,17 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(gelu(self.c_fc(x), self.activation)))
 
 
+class Routing(NamedTuple):
+    """What one forward of an MoE layer did besides its output (MoE.compute returns it, MoE.record keeps it)."""
+
+    aux_loss: torch.Tensor | None  # Switch load-balancing loss (training only)
+    z_loss: torch.Tensor | None  # router z-loss (training only)
+    routed: torch.Tensor  # [E] assignments the router made per expert, before any capacity drop
+    kept: torch.Tensor  # [E] assignments each expert computed
+    dropped: int  # assignments over capacity
+    assignments: int  # tokens * k
+
+
 class MoE(nn.Module):
     """Top-k routed experts (+ optional shared experts) in place of a block's MLP."""
 
@@ -367,7 +361,11 @@ class MoE(nn.Module):
             return c.capacity_factor
         return c.eval_capacity_factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """[B, T, C] -> (output, what the routing did), changing no state. The caller keeps the Routing
+        with `record` (GPT.forward does, after its blocks): a block that activation checkpointing
+        recomputes in backward is then free of side effects (it records nothing twice, and
+        torch.compile can capture it with its checkpoint)."""
         B, T, C = x.shape
         xt = x.reshape(-1, C)
         with record_function("moe.router+permute"):  # named ranges for --profile (a few µs without one)
@@ -383,34 +381,33 @@ class MoE(nn.Module):
             out = unpermute(ys, perm, topk_w).to(x.dtype)
         if self.shared_mlp is not None:
             out = out + self.shared_mlp(xt)
-        self._record(topk_idx, logits, probs, perm)
-        return self.dropout(out.view(B, T, C))
+        aux_loss, z_loss = self._aux_terms(perm.routed, logits, probs) if self.training else (None, None)
+        routing = Routing(aux_loss, z_loss, perm.routed, perm.counts.detach(), perm.dropped, perm.num_assignments)
+        return self.dropout(out.view(B, T, C)), routing
 
-    def _record(self, topk_idx, logits, probs, perm):
-        """Aux terms for the loss, and what the routing statistics are derived from."""
-        E = self.num_experts
-        chosen = perm.routed  # what the router chose, before any capacity drop
+    def _aux_terms(self, routed: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor):
+        """(Switch aux loss, z-loss) of one training forward."""
+        # Switch aux loss, normalised by k so a perfectly balanced layer scores exactly
+        # 1.0: f_i is the fraction of the T*k assignments sent to expert i (sum f = 1),
+        # P_i the mean router probability. E * sum(f * P) = 1 when both are uniform.
+        # (Megatron counts f_i over T, so its value is k times ours.)
+        f = routed.float() / (logits.shape[0] * self.k)
+        # A term that is not in the loss (coefficient 0) is computed for the logs only,
+        # without a graph: its backward would cost a step time and add nothing.
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and self.cfg.aux_loss_coef != 0):
+            aux_loss = self.num_experts * torch.sum(f * probs.mean(0))
+        with torch.set_grad_enabled(grad and self.cfg.z_loss_coef != 0):
+            z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        return aux_loss, z_loss
+
+    def record(self, routing: Routing):
+        """Keep one forward's routing: the aux terms for the loss, the load for bias balancing (training
+        only), and what the routing statistics are derived from."""
         if self.training:
-            # Switch aux loss, normalised by k so a perfectly balanced layer scores
-            # exactly 1.0: f_i is the fraction of the T*k assignments sent to expert
-            # i (sum f = 1), P_i the mean router probability. E * sum(f * P) = 1 when
-            # both are uniform. (Megatron counts f_i over T, so its value is k times ours.)
-            f = chosen.float() / topk_idx.numel()
-            # A term that is not in the loss (coefficient 0) is computed for the logs only,
-            # without a graph: its backward would cost a step time and add nothing.
-            grad = torch.is_grad_enabled()
-            with torch.set_grad_enabled(grad and self.cfg.aux_loss_coef != 0):
-                aux_loss = E * torch.sum(f * probs.mean(0))
-            with torch.set_grad_enabled(grad and self.cfg.z_loss_coef != 0):
-                z_loss = torch.logsumexp(logits, dim=-1).square().mean()
-        if _Replay.active:
-            # The forward being replayed has recorded all this. The aux terms are still computed
-            # above (the replay must save the tensors the forward saved), but not kept.
-            return
-        if self.training:
-            self.aux_loss, self.z_loss = aux_loss, z_loss
-            self.load += chosen
-        self.last_routing = (perm.counts.detach(), perm.dropped, perm.num_assignments)
+            self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
+            self.load += routing.routed
+        self.last_routing = (routing.kept, routing.dropped, routing.assignments)
 
     @property
     def stats(self) -> dict:

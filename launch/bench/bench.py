@@ -72,6 +72,19 @@ class SeedMoE(nn.Module):
         return y.view(B, T, C)
 
 
+class OursMoE(nn.Module):
+    """nanomoe_ds's MoE as a layer on its own: the output, with the routing recorded as GPT.forward does."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        out, routing = self.moe(x)
+        self.moe.record(routing)
+        return out
+
+
 class DeepSpeedMoE(nn.Module):
     """deepspeed.moe.layer.MoE returns (out, l_aux, counts); keep the output only."""
 
@@ -126,8 +139,9 @@ def build(name: str, impl: str, E: int, k: int, h: int, d: int, device: str) -> 
         cfg = GPTConfig(use_moe=True, n_embd=d, n_head=1, num_experts=E, num_experts_per_tok=k,
                         expert_hidden=h, moe_impl=impl, dropout=0.0, bias=True)
         validate_model(cfg)
-        m = MoE(cfg)
-        init_moe_(m, n_layer=12)
+        moe = MoE(cfg)
+        init_moe_(moe, n_layer=12)
+        m = OursMoE(moe)
     elif name == "seed":
         m = SeedMoE(d, E, k, h)
     else:
@@ -284,13 +298,13 @@ def main():
                 print(f"| {shape:<14} | {dt_name:<5} | {label:<22} | {med[label] * 1e3:8.1f} | {ratio:>7} | {mb:8.0f} |",
                       flush=True)
             if "ours" in variants:
-                ours = next(m for label, m in models.items() if label.startswith("ours (auto"))
-                c = ours.stats["tokens_per_expert"].float()
+                ours = next(m for label, m in models.items() if label.startswith("ours (auto"))  # OursMoE
+                c = ours.moe.stats["tokens_per_expert"].float()
                 print(f"#   ours: tokens per expert max/mean {(c.max() / c.mean()).item():.3f}")
                 if args.profile:
                     profile_ours(ours, x, g, ac)
                 if args.parts and ac is None:
-                    parts = {"layer": lambda: step(ours, x, g, None), **moe_parts(ours, x)}
+                    parts = {"layer": lambda: step(ours, x, g, None), **moe_parts(ours.moe, x)}
                     part_s = time_interleaved(parts, args.repeats, device)
                     rest = part_s["layer"] - sum(v for name, v in part_s.items() if name != "layer")
                     print("#   ours, ms forward+backward: " + ", ".join(f"{name} {v * 1e3:.2f}" for name, v in
