@@ -167,7 +167,7 @@ fi
 note ""
 step "6. the E=8 layer compiled: the grouped GEMM's bias as an epilogue of the activation, against bmm" 150 \
     python3 launch/bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --n_embd 768 --tokens 32768 \
-    --variants dense,ours --impls bmm --repeats 10 --compile
+    --variants dense,ours --impls grouped_mm,bmm --repeats 10 --compile
 
 note "failed steps: $FAILED; total $SECONDS s"
 rm -rf "$WORK"

@@ -523,7 +523,7 @@ def save(out_dir: str, meta: dict, pieces, rank: int, keep_last: int, collective
     if error is not None:
         last = committed(out_dir)
         kept = f"the last committed checkpoint, {last[-1][1].name}, is intact" if last else "no checkpoint was committed"
-        advice = ("this is a bug, not the disk (its traceback is above on the rank named): please report it"
+        advice = ("this is a bug, not the disk (its traceback is above): please report it"
                   if bug else "free space or choose another --out_dir")
         raise CheckpointError(f"cannot save the checkpoint of iteration {iter_num}: {error}; {kept}; {advice}, "
                               "then continue with --init_from=resume")

@@ -15,8 +15,8 @@ every tensor to ranges of the flattened whole tensor, per DeepSpeed 0.19.8's lay
 - ZeRO-3 partitions every parameter itself: rank r of its group holds elements
   [r * part, (r + 1) * part) of the flattened whole (the last ranks' partitions are padded
   past its end), in the compute dtype as the parameter's `ds_tensor`, and in fp32 at one
-  place of the optimizer's flat partition, where the AdamW moments sit too (DeepSpeed's
-  `safe_get_local_*` accessors return those places). The model keeps no whole copy.
+  place of the optimizer's flat partition (in CPU memory under offload_optimizer), where the
+  AdamW moments sit too. The model keeps no whole copy.
 - Expert parameters hold rows `ep_rank * E/ep_size ...` of the whole [E, ...] tensor,
   replicated over the expert-data-parallel group; dense ones are replicated over all ranks.
 
@@ -65,9 +65,12 @@ def _zero3_range(p) -> tuple[int, int]:
 
 
 def _zero3_local(p, kind: str) -> torch.Tensor:
-    """This rank's fp32 partition of p (kind "model") or of its AdamW moment `kind`, padding excluded: a view."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-    local = safe_get_local_fp32_param(p) if kind == "model" else safe_get_local_optimizer_state(p, kind)
+    """This rank's fp32 partition of p (kind "model") or of its AdamW moment `kind`, padding excluded: a view,
+    where the optimizer keeps it (in CPU memory under offload_optimizer). DeepSpeed's public getters
+    (`safe_get_local_*`) call this and then copy the result to the accelerator: under offload that
+    would put the whole share on the GPU during a save, which is what offloading avoids."""
+    local, _ = p._z3_optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False,
+                                                               optim_state_key=None if kind == "model" else kind)
     return local.view(-1).narrow(0, 0, _zero3_range(p)[1])
 
 
@@ -246,15 +249,22 @@ def restore_(model, optimizer, ckpt: checkpoint.Checkpoint):
 
 
 def _restore_zero3(p, name: str, ckpt: checkpoint.Checkpoint, with_moments: bool):
-    """This rank's partition of a ZeRO-3 parameter: the fp32 master, the compute-dtype copy, the moments."""
+    """This rank's partition of a ZeRO-3 parameter: the fp32 master, the compute-dtype copy, the moments.
+
+    Through DeepSpeed's setters, which copy into the partition wherever the optimizer keeps it (in CPU
+    memory under offload_optimizer); they take the padded partition, so the padding is written as zeros."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
     start, numel = _zero3_range(p)
     if not numel:
         return
-    master = _zero3_local(p, "model")
-    ckpt.read_into(tensor_key("model", name), start, master)
-    p.ds_tensor.data.view(-1).narrow(0, 0, numel).copy_(master)  # what the next forward gathers
+    value = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.ds_tensor.device)
+    ckpt.read_into(tensor_key("model", name), start, value.narrow(0, 0, numel))
+    safe_set_local_fp32_param(p, value)
+    p.ds_tensor.data.view(-1).copy_(value)  # the compute-dtype partition the next forward gathers
     for kind in MOMENTS if with_moments else ():
-        ckpt.read_into(tensor_key(kind, name), start, _zero3_local(p, kind))
+        value.zero_()
+        ckpt.read_into(tensor_key(kind, name), start, value.narrow(0, 0, numel))
+        safe_set_local_optimizer_state(p, value, kind)
 
 
 def set_loss_scale(engine, saved: dict | None):
@@ -272,9 +282,9 @@ def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
     # ZeRO-3 keeps whole copies of its small ("persistent") parameters between steps: release them
     # before the partitions change, gather them again once every rank has read its share.
     zero3 = engine.zero_optimization_partition_weights()
-    if zero3:
-        engine.optimizer.checkpoint_event_prologue()
     try:
+        if zero3:
+            engine.optimizer.checkpoint_event_prologue()
         restore_(model, engine.optimizer, ckpt)
         set_loss_scale(engine, ckpt.meta.get("loss_scale"))
         rng = ckpt.rng(dist.get_rank())

@@ -39,6 +39,20 @@ def load_ds_config(path: str) -> dict:
     return ds
 
 
+def _refuse_zero3_layouts(zero: dict):
+    """ZeRO-3 settings that put a rank's partitions where the checkpoint code does not read and write them."""
+    for block in ("offload_optimizer", "offload_param"):
+        if zero.get(block, {}).get("device") == "nvme":
+            raise ConfigError(f"ZeRO-3 with {block} to NVMe is not supported: this trainer's checkpoints read and "
+                              "write the partitions in memory; offload to \"cpu\" instead")
+    if zero.get("offload_optimizer", {}).get("ratio", 1.0) < 1.0:
+        raise ConfigError("ZeRO-3 with a partial offload_optimizer \"ratio\" is not supported (its sub-groups kept on "
+                          "the GPU step through another optimizer); remove \"ratio\" to offload it all")
+    if zero.get("mics_shard_size", -1) > 0:
+        raise ConfigError("ZeRO-3 with MiCS (mics_shard_size) is not supported: its replica groups would each write "
+                          "the same partitions; remove mics_shard_size")
+
+
 def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_kind: str,
               support: precision.Support) -> dict:
     """Fill "auto" values from the preset/command line; refuse contradictions in one line.
@@ -92,6 +106,8 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     if m.use_moe and stage == 3:
         raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
                           "(ds_configs/zero1.json, zero2.json)")
+    if stage == 3:
+        _refuse_zero3_layouts(ds["zero_optimization"])
     if m.use_moe and stage == 0 and dtype == "float16":
         raise ConfigError("fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE gradient clip on "
                           "ZeRO-0 would see loss-scaled gradients; use ZeRO-1 (ds_configs/fp16.json) or bf16")

@@ -151,7 +151,7 @@ class GPT(nn.Module):
         if self.training and moes:
             aux = torch.stack([m.aux_loss for m in moes]).mean()
             z = torch.stack([m.z_loss for m in moes]).mean()
-            # A term whose coefficient is 0 is logged, not added: it has no graph (MoE._record)
+            # A term whose coefficient is 0 is logged, not added: it has no graph (MoE._aux_terms)
             # and 0 * inf would turn the loss into NaN.
             for coef, term in ((self.config.aux_loss_coef, aux), (self.config.z_loss_coef, z)):
                 if coef:

@@ -327,7 +327,7 @@ class MLP(nn.Module):
 
 
 class Routing(NamedTuple):
-    """What one forward of an MoE layer did besides its output (MoE.compute returns it, MoE.record keeps it)."""
+    """What one forward of an MoE layer did besides its output (MoE.forward returns it, MoE.record keeps it)."""
 
     aux_loss: torch.Tensor | None  # Switch load-balancing loss (training only)
     z_loss: torch.Tensor | None  # router z-loss (training only)

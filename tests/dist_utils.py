@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def ds_json(tmp_path, name="zero2", bf16=False, zero: dict | None = None, **top)
     cfg["bf16"] = {"enabled": bf16}
     cfg["zero_optimization"].update(zero or {})
     cfg.update(top)
-    edited = "_" + "_".join(f"{k}{v}" for k, v in (zero or {}).items()) if zero else ""
+    edited = "_" + re.sub(r"\W+", "", json.dumps(zero, sort_keys=True)) if zero else ""
     path = Path(tmp_path) / f"{name}{edited}_{'bf16' if bf16 else 'fp32'}.json"
     path.write_text(json.dumps(cfg))
     return str(path)

@@ -67,9 +67,10 @@ def test_gradients_equal_without_it_on_one_device():
 @pytest.mark.parametrize("impl, moe_every, backend", [("grouped_mm", 1, "eager"), ("loop", 1, "eager"),
                                                       ("loop", 2, "aot_eager"), ("loop", 0, "aot_eager")])
 def test_under_torch_compile(impl, moe_every, backend):
-    """Compiled, the gradients are still the run's without recompute. Dense blocks are captured whole with
-    their checkpoint (aot_eager runs that capture through AOTAutograd, as inductor would); MoE blocks
-    break the graph at their checkpoint and replay it eagerly (moe_every=0: a dense model)."""
+    """Compiled, the gradients are still the run's without recompute. Blocks are captured with their
+    checkpoint (aot_eager runs that capture through AOTAutograd, as inductor would): dense blocks and
+    grouped_mm MoE blocks whole; a loop/bmm MoE block reads its counts on the host, so dynamo falls
+    back to running that checkpointed block eagerly (moe_every=0: a dense model)."""
     plain, recomputed = make_pair(moe_impl=impl, moe_every=moe_every or 1, use_moe=moe_every > 0)
     compiled = torch.compile(recomputed, backend=backend)
     idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))

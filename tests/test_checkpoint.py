@@ -30,6 +30,7 @@ TOPOLOGIES = {  # name: (ranks, ep_size, DeepSpeed JSON or None for the single-d
     # of this tiny model stays whole on each rank between steps as well.
     "local-dense": (1, 1, None), "w2-zero2-dense": (2, 1, "zero2"), "w2-zero3-dense": (2, 1, "zero3"),
     "w2-zero3-dense-persistent": (2, 1, "zero3"), "w2-zero3-dense-bf16": (2, 1, "zero3"),
+    "w2-zero3-dense-offload": (2, 1, "zero3"),  # fp32 masters and moments in CPU memory (offload_optimizer)
 }
 PARTITION_EVERYTHING = {"stage3_param_persistence_threshold": 0}
 
@@ -51,6 +52,8 @@ def run_at(topology: str, char_data, out_dir, tmp_path, **over):
             torch.set_num_threads(threads)
         return
     zero = PARTITION_EVERYTHING if json_name == "zero3" and not topology.endswith("persistent") else None
+    if topology.endswith("offload"):
+        zero = {**zero, "offload_optimizer": {"device": "cpu"}}
     ds = ds_json(tmp_path, json_name, bf16=topology.endswith("bf16"), zero=zero)
     for r in run_ranks(ranks, ["--deepspeed_config", ds, *args, f"--ep_size={ep_size}"]):
         assert r.returncode == 0, r.stderr[-3000:]
@@ -85,6 +88,7 @@ def saved(char_data, tmp_path_factory):
     ("local-dense", "w2-zero3-dense"),  # one device -> ZeRO-3 partitions
     ("w2-zero2-dense", "w2-zero3-dense-persistent"),  # ZeRO-2 -> ZeRO-3 with whole persistent parameters
     ("w2-zero3-dense-bf16", "local-dense"),  # the shipped zero3.json: bf16 partitions, fp32 masters
+    ("local-dense", "w2-zero3-dense-offload"),  # into partitions the optimizer keeps in CPU memory
 ])
 def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_path, source, target):
     at3, continued = saved(source)
@@ -423,8 +427,8 @@ def test_a_save_that_fails_for_another_reason_than_the_disk_says_so(tmp_path, ca
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.save(str(tmp_path), {"iter_num": 3}, pieces(), rank=0, keep_last=1)
     assert str(e.value) == ("cannot save the checkpoint of iteration 3: rank 0: KeyError: 'exp_avg'; no checkpoint "
-                            "was committed; this is a bug, not the disk (its traceback is above on the rank named): "
-                            "please report it, then continue with --init_from=resume")
+                            "was committed; this is a bug, not the disk (its traceback is above): please report it, then "
+                            "continue with --init_from=resume")
     assert "Traceback" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no staging directory left
 

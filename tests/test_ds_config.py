@@ -156,6 +156,20 @@ def test_ep_size_fits_the_ranks_there_are(requested, world, experts, expected):
                         f"(ep_size {requested} returns when the ranks allow it)")
 
 
+@pytest.mark.parametrize("zero, message", [
+    ({"offload_optimizer": {"device": "nvme"}}, "ZeRO-3 with offload_optimizer to NVMe is not supported"),
+    ({"offload_param": {"device": "nvme"}}, "ZeRO-3 with offload_param to NVMe is not supported"),
+    ({"offload_optimizer": {"device": "cpu", "ratio": 0.5}}, "ZeRO-3 with a partial offload_optimizer \"ratio\""),
+    ({"mics_shard_size": 2}, "ZeRO-3 with MiCS (mics_shard_size) is not supported"),
+])
+def test_zero3_layouts_the_checkpoints_cannot_map_are_refused(zero, message):
+    model_cfg, train_cfg = from_argv(["--use_moe=False", "--deepspeed_config=x.json"])
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        reconcile({"zero_optimization": {"stage": 3, **zero}}, model_cfg, train_cfg, 2, "cuda", Support(True, True))
+    offloaded = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    assert reconcile({"zero_optimization": offloaded}, model_cfg, train_cfg, 2, "cuda", Support(True, True))
+
+
 def test_zero3_is_refused_with_moe_before_training():
     """DeepSpeed's ZeRO-3 does not partition native MoE layers; dense models train under it (test_checkpoint)."""
     model_cfg, train_cfg = from_argv(["--use_moe=True", "--deepspeed_config=x.json"])

@@ -203,6 +203,11 @@ ROWS = [
         "a --dtype other than the JSON's", files=(("ds.json", '{"bf16": {"enabled": true}}'),), one_rank=True),
     Row("train", TINY_DS, "ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2",
         "ZeRO-3 with use_moe=True", files=(("ds.json", '{"zero_optimization": {"stage": 3}}'),), one_rank=True),
+    Row("train", TINY_DS + " --use_moe=False", "ZeRO-3 with offload_optimizer to NVMe is not supported: this "
+        "trainer's checkpoints read and write the partitions in memory; offload to \"cpu\" instead",
+        "ZeRO-3 with an optimizer offloaded to NVMe",
+        files=(("ds.json", '{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}'),),
+        one_rank=True),
     Row("train", TINY_DS, "the DeepSpeed JSON's \"activation_checkpointing\" sets cpu_checkpointing, which this "
         "trainer does not implement", "a DeepSpeed activation-checkpointing option other than recomputing blocks",
         files=(("ds.json", '{"activation_checkpointing": {"cpu_checkpointing": true}}'),), one_rank=True),

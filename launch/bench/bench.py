@@ -251,6 +251,8 @@ def main():
     args = ap.parse_args()
     if args.tokens % 8 or not set(args.dtype.split(",")) <= {"fp32", "bf16"}:
         ap.error("--tokens must be a multiple of 8 and --dtype a comma list of fp32, bf16")
+    if args.parts and args.compile:
+        ap.error("--parts times the layer's parts eagerly: leave out --compile")
 
     t_start = time.perf_counter()
     device, d, T = args.device, args.n_embd, args.tokens
