@@ -44,6 +44,10 @@ VARIANTS = {
     "moe-8x1-every2": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=1", "--moe_every=2"],
     "moe-8x2-h256-every2": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=2", "--expert_hidden=256",
                             "--moe_every=2"],
+    # cheaper steps tried for the equal-time race (docs/benchmarks.md): fewer experts, or top-1 plus a shared expert
+    "moe-4x1-every2": ["--use_moe=True", "--num_experts=4", "--num_experts_per_tok=1", "--moe_every=2"],
+    "moe-8x1-h256-shared1-every2": ["--use_moe=True", "--num_experts=8", "--num_experts_per_tok=1",
+                                    "--expert_hidden=256", "--num_shared_experts=1", "--moe_every=2"],
 }
 for _name in list(VARIANTS)[1:3]:  # the MoEs again with each CPU kernel forced (--variants moe-10x2-bmm, ...)
     for _impl in ("loop", "bmm", "grouped_mm"):
