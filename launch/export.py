@@ -9,14 +9,14 @@ state_dict), `model_args`, `config`, `iter_num`, and unless --weights_only the A
 moments, topology and rank 0's RNG state, so that a directory holding it as `ckpt.pt`
 also resumes. This process holds the whole model: the export is for people who want one file.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanomoe_ds.config import ConfigError  # noqa: E402
+from nanomoe_ds.config import ArgumentParser  # noqa: E402
+from nanomoe_ds.launch_env import run_script  # noqa: E402
 
 
 def export(out_dir: str, path: str, iteration: int = -1, weights_only: bool = False) -> str:
@@ -40,7 +40,7 @@ def export(out_dir: str, path: str, iteration: int = -1, weights_only: bool = Fa
 
 
 def main(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("out_dir", help="the run's out_dir")
     p.add_argument("path", help="the file to write")
     p.add_argument("--iter", type=int, default=-1, help="a committed iteration (default: the newest)")
@@ -50,8 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, sys.argv[1:])

@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # torch and the model are imported in main, after the arguments are checked: a bad one is refused at once.
 from nanomoe_ds.config import ArgumentParser, ConfigError  # noqa: E402
+from nanomoe_ds.launch_env import run_script  # noqa: E402
 
 
 def parse(argv):
@@ -103,8 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, sys.argv[1:])

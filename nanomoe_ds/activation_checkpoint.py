@@ -15,7 +15,9 @@ gradients would belong to another computation:
     recomputes its blocks in the same backward order, so the exchanges pair up.
 Blocks record nothing themselves: an MoE block returns its routing record (aux terms,
 load, statistics) and GPT.forward keeps it, outside the checkpoint. So the recompute has no
-side effects to repeat, and torch.compile captures a checkpointed block whole, MoE or not.
+side effects to repeat, and torch.compile captures a checkpointed block whole: a dense one,
+or an MoE one on the grouped_mm kernel (loop and bmm read their counts on the host, so
+dynamo runs such a block eagerly).
 DeepSpeed's own activation checkpointing needs model code to call it; its JSON block is
 mapped onto this one by ds_config.activation_checkpointing.
 """

@@ -57,6 +57,13 @@ def tensor_key(kind: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------- small state
+def adamw_step(step: int, param: torch.Tensor, group: dict) -> torch.Tensor:
+    """AdamW's `step` state as torch keeps it: a float32 tensor, on the parameter's device for the fused
+    or capturable kernels, else on the CPU (a restore creates it before AdamW's first step would)."""
+    device = param.device if group.get("fused") or group.get("capturable") else "cpu"
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
 def rng_state() -> dict:
     """This process's RNG states; on CUDA, only its current device's (each rank has its own)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -501,8 +508,8 @@ def save(out_dir: str, meta: dict, pieces, rank: int, keep_last: int, collective
     checkpoint as it was and no staging directory behind.
     """
     iter_num = meta["iter_num"]
-    error, bug = prepare_staging(out_dir, iter_num) if rank == 0 else None, False
-    error = collectives.broadcast(error)
+    bug = False  # an error that is not the disk's: the advice differs
+    error = collectives.broadcast(prepare_staging(out_dir, iter_num) if rank == 0 else None)
     if error is None:
         parts = collectives.gather(write_shard(staging_dir(out_dir, iter_num), rank, pieces))
         if rank == 0:

@@ -139,9 +139,14 @@ def _step(optimizer) -> int:
 
 
 # ---------------------------------------------------------------- save
+def _kinds(optimizer) -> tuple[str, ...]:
+    """What a save holds of each parameter: its weights, and AdamW's moments once they exist."""
+    return ("model", *MOMENTS) if _has_moments(optimizer) else ("model",)
+
+
 def shapes(model, optimizer) -> dict[str, list[int]]:
     """Every tensor the checkpoint holds and its whole shape (rank 0 writes them into the index)."""
-    kinds = ("model", *MOMENTS) if _has_moments(optimizer) else ("model",)
+    kinds = _kinds(optimizer)
     out = {tensor_key(kind, n): global_shape(p) for n, p in model.named_parameters() for kind in kinds}
     out.update({tensor_key("model", n): list(b.shape) for n, b in model.named_buffers() if n.endswith("score_bias")})
     return out
@@ -149,7 +154,7 @@ def shapes(model, optimizer) -> dict[str, list[int]]:
 
 def owned_pieces(model, optimizer, rank: int):
     """(tensor key, offset into the flattened whole, 1-D view) for every range this rank writes."""
-    kinds = ("model", *MOMENTS) if _has_moments(optimizer) else ("model",)
+    kinds = _kinds(optimizer)
     for n, p in model.named_parameters():
         base = _rows_offset(p)
         for kind in kinds:
@@ -201,8 +206,7 @@ def _ensure_state(optimizer, step: int):
         state = inner.state[flat]
         for key in MOMENTS:
             state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-        device = flat.device if group.get("fused") or group.get("capturable") else "cpu"
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+        state["step"] = checkpoint.adamw_step(step, flat, group)
 
 
 def _flat_partitions(optimizer):

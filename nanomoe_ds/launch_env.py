@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Mapping
 
+from .config import ConfigError
+
 DEFAULT_MASTER_PORT = "29500"  # torch.distributed's usual default; set MASTER_PORT to run two jobs on one node
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -87,6 +89,16 @@ def error_line(error: Exception, environ: Mapping[str, str]) -> str:
     if world_size(environ) > 1:
         return f"error: rank {process_rank(environ)}: {error}"
     return f"error: {error}"
+
+
+def run_script(main, argv: list[str]):
+    """A side script's entry point (sample, export): main(argv), and a refusal or an I/O failure as one
+    `error: ...` line with exit status 2 instead of a traceback."""
+    try:
+        main(argv)
+    except (ConfigError, OSError) as e:
+        report_error(e)
+        sys.exit(2)
 
 
 def report_error(error: Exception):

@@ -166,11 +166,9 @@ class LocalEngine:
             ckpt.read_into(checkpoint.tensor_key("model", n), 0, value.data.view(-1))
         params = list(self.module.named_parameters())
         if ckpt.has(checkpoint.tensor_key(checkpoint.MOMENTS[0], params[0][0])):
-            # torch keeps `step` as a float32 tensor: on the parameter's device for fused AdamW, else on the CPU.
-            fused = self.optimizer.param_groups[0].get("fused")
+            group = self.optimizer.param_groups[0]  # fused or not: the same for every group
             for n, p in params:
-                step = torch.tensor(float(ckpt.meta["optimizer_step"]), device=p.device if fused else "cpu")
-                self.optimizer.state[p] = {"step": step}
+                self.optimizer.state[p] = {"step": checkpoint.adamw_step(ckpt.meta["optimizer_step"], p, group)}
                 for kind in checkpoint.MOMENTS:
                     self.optimizer.state[p][kind] = torch.empty_like(p)
                     ckpt.read_into(checkpoint.tensor_key(kind, n), 0, self.optimizer.state[p][kind].view(-1))
@@ -313,8 +311,9 @@ def choose_start(t: TrainConfig) -> tuple[str, int]:
         checkpoint.recover_partial_saves(t.out_dir)
     init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir))
     iteration = t.resume_iter
-    if init_from == "resume" and iteration == -1 and checkpoint.committed(t.out_dir):
-        iteration = checkpoint.committed(t.out_dir)[-1][0]
+    if init_from == "resume" and iteration == -1:
+        found = checkpoint.committed(t.out_dir)
+        iteration = found[-1][0] if found else -1  # none: an older version's ckpt.pt, or the refusal on opening
     return init_from, iteration
 
 

@@ -27,7 +27,6 @@ import datetime
 import importlib
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from nanomoe_ds import kernels
 from nanomoe_ds.config import GPTConfig, validate_model
 from nanomoe_ds.dispatch import gather_tokens, permute, unpermute
 from nanomoe_ds.moe import MLP, MoE, init_moe_
+from ranks import free_port
 
 VARIANTS = ("dense", "ours", "seed", "ds")
 
@@ -106,9 +106,7 @@ def init_deepspeed(device: str):
         # Skip the shared-memory all-reduce extension: a ~20 s JIT build we never use.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
 

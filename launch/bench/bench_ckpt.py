@@ -51,7 +51,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,8 @@ SRC = Path(os.environ.get("NANOMOE_SRC") or REPO).resolve()
 sys.path.insert(0, str(SRC))
 import nanomoe_ds  # noqa: E402  a namespace package (no __init__.py): its __path__ follows sys.path, which the
 nanomoe_ds.__path__ = [str(SRC / "nanomoe_ds")]  # bench helpers change (the repo first): pin it to SRC
+from ranks import free_port, lscpu_model, rank_env, wait_all  # noqa: E402  (the script's own directory is on sys.path)
+
 MARKER = "BENCH_CKPT_RESULT "
 TAG = "bench_ckpt"
 
@@ -212,34 +213,19 @@ def worker(args, overrides: list[str]):
 
 
 # ---------------------------------------------------------------- driver
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world: int, phase: str, out_dir: Path, run_dir: Path, a, overrides: list[str]) -> list[dict]:
     """`world` rank processes of this script in worker mode; their result lines."""
     port = free_port()
     procs = []
     for r in range(world):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONWARNINGS="ignore", NANOMOE_SRC=str(SRC))
+        env = rank_env(r, world, port, NANOMOE_SRC=SRC)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--out_dir", str(out_dir),
                "--tmp", str(run_dir), "--ep_size", str(a.ep_size), "--zero", str(a.zero)] + (["--tiny"] if a.tiny else [])
         cmd += overrides
         log = run_dir / f"{phase}_w{world}_rank{r}.log"
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
-    deadline = time.time() + a.timeout
     label = f"{phase} at {world} ranks"
-    for p, log in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            raise SystemExit(f"{label}: a rank hung for {a.timeout:.0f}s; logs in {run_dir}")
+    wait_all([p for p, _ in procs], a.timeout, label, run_dir)
     results, notes = [], []
     for r, (p, log) in enumerate(procs):
         text = log.read_text()
@@ -263,16 +249,6 @@ def git_commit(path: Path) -> str:
         return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def lscpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def row(op: str, res: list[dict]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
 
@@ -37,6 +36,7 @@ sys.path.insert(0, REPO)
 import torch
 
 from bench import machine_name
+from ranks import free_port
 from bench_step import SEED_LINE, VARIANTS as MODELS, FixedBatches, one_step, time_steps
 from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
 from nanomoe_ds.config import ArgumentParser, from_argv
@@ -50,9 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def one_rank_env(device: str):
     """The launcher's variables for a world of one, on loopback (left alone if a launcher set them)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                            GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR=device).items():
         os.environ.setdefault(key, value)

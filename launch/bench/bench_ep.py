@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from ranks import free_port, lscpu_model, rank_env, wait_all  # noqa: E402  (the script's own directory is on sys.path)
 
 
 # ---------------------------------------------------------------- worker (one rank)
@@ -282,12 +283,6 @@ def worker_interleaved(args, train_argv: list[str]):
 
 
 # ---------------------------------------------------------------- driver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_data():
     d = REPO / "data" / "shakespeare_char"
     if (d / "train.bin").exists() and (d / "val.bin").exists():
@@ -320,26 +315,19 @@ def _train_argv(a, ds_json: Path, out_dir: Path) -> list[str]:
 
 
 def _spawn(a, run_dir: Path, worker_args: list[str], label: str):
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(a.ranks):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(a.ranks), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu",
-                   OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+        env = rank_env(r, a.ranks, port, a.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), *worker_args, "--result_dir", str(run_dir),
                "--warmup", str(a.warmup), "--iters", str(a.iters), "--profile", str(a.profile), "--",
                *_train_argv(a, a.ds_json, run_dir / "out")]
         log = open(run_dir / f"rank{r}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.time() + a.timeout
-    for p, log in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            raise SystemExit(f"{label}: a rank hung for {a.timeout:.0f}s; logs in {run_dir}")
-        finally:
+    try:
+        wait_all([p for p, _ in procs], a.timeout, label, run_dir)
+    finally:
+        for _, log in procs:
             log.close()
     for r, (p, _) in enumerate(procs):
         if p.returncode != 0:
@@ -440,16 +428,6 @@ def summarize(a, runs: list[dict], ep_size: int) -> dict:
     return out
 
 
-def _lscpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def report(a, runs, s1, s2, elapsed: float, load: tuple) -> str:
     from importlib.metadata import version
     import torch
@@ -499,7 +477,7 @@ def report(a, runs, s1, s2, elapsed: float, load: tuple) -> str:
               f"ep1 {', '.join(f'{x:.1f}' for x in s1['rounds'])}; ep2 {', '.join(f'{x:.1f}' for x in s2['rounds'])}.",
               ""]
     L += [f"- command: `{cmd}`",
-          f"- machine: {_lscpu_model()}, {os.cpu_count()} logical CPUs, {a.threads} thread(s) per rank "
+          f"- machine: {lscpu_model()}, {os.cpu_count()} logical CPUs, {a.threads} thread(s) per rank "
           f"(OMP_NUM_THREADS); load average {load[0]:.2f} before, {load[1]:.2f} after; {platform.platform()}",
           f"- software: torch {torch.__version__}, deepspeed {version('deepspeed')}, "
           f"Python {platform.python_version()}",
