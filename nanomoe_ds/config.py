@@ -153,6 +153,14 @@ class TrainConfig:
     # keep it short. It must outlast the longest time one rank works while the others
     # wait: a save of its share, the first start's data check, an eval (docs/elastic.md).
     dist_timeout: int = 600
+    # Runtime guards (guards.py, grad_order.py; docs/equivalence.md). Every this many
+    # iterations the ranks that hold copies of a tensor compare a fingerprint of it
+    # (Megatron-Core's --check-weight-hash-across-dp-replicas-interval): -1 at every
+    # eval_interval, before the save; 0 never.
+    replica_check_interval: int = -1
+    # Compare, once per step, the order in which each rank handed its gradients to ZeRO's
+    # reduction (one tiny all-reduce a step; on in the tests, as DDP's DETAIL debug mode).
+    check_grad_order: bool = False
 
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -313,6 +321,9 @@ def validate_train(t: TrainConfig):
            f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) when decay_lr=True")
     _check(t.peak_tflops >= 0, f"peak_tflops must be >= 0 (0 looks the device up), got {t.peak_tflops}")
     _check(t.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {t.grad_clip}")
+    _check(t.replica_check_interval >= -1,
+           f"replica_check_interval must be -1 (every eval_interval), 0 (never) or a number of iterations, "
+           f"got {t.replica_check_interval}")
     dev = t.device
     _check(dev in ("cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            f"unknown device '{dev}'; use cpu, cuda, cuda:N or mps")

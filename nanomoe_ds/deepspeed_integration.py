@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, ds_checkpoint, ds_groups, launch_env, precision
+from . import checkpoint, ds_checkpoint, ds_groups, grad_order, guards, launch_env, precision
 from .ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, json_dtype, load_ds_config, reconcile
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
@@ -83,13 +83,15 @@ def adopt_moe_(model: GPT, ep_size: int):
 class DeepSpeedEngine:
     """The trainer's engine interface over a DeepSpeed engine."""
 
-    def __init__(self, engine, t: TrainConfig, clip_ourselves: bool):
+    def __init__(self, engine, t: TrainConfig, clip_ourselves: bool,
+                 ordering: grad_order.CanonicalReduction | None = None):
         self.engine, self.module, self.t = engine, engine.module, t
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = str(engine.device)
         self.compute_dtype = (torch.bfloat16 if engine.bfloat16_enabled() else
                               torch.float16 if engine.fp16_enabled() else torch.float32)
         self.clip_ourselves = clip_ourselves
+        self.ordering = ordering  # the ZeRO reduction's fixed order (grad_order.py); None where already ordered
 
     def forward(self, x, y):
         return self.engine(x, y)
@@ -102,6 +104,8 @@ class DeepSpeedEngine:
     def step(self, lr: float) -> torch.Tensor | None:
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
+        if self.ordering is not None:
+            self.ordering.check_step()  # before anything is applied: a mismatch leaves the weights as they were
         norm = None
         if self.clip_ourselves:
             norm = clip_grad_norm_global_(self.module, self.t.grad_clip)
@@ -119,6 +123,18 @@ class DeepSpeedEngine:
         x = t.to(self.engine.device, copy=True)
         dist.all_reduce(x)
         return x.to(t.device)
+
+    def check_replicas(self, iter_num: int):
+        """Every copy of every tensor is the same on the ranks that hold one (guards.py); ZeRO-3 keeps no copies."""
+        if self.engine.zero_optimization_stage() == 3:
+            return
+        replicas: dict = {"": (None, [])}  # dense weights and router biases: on every rank
+        for name, p in self.module.named_parameters():
+            key = p.group_name if ds_groups.is_expert(p) else ""
+            group = ds_groups.replica_group_of(p)
+            replicas.setdefault(key, (group, []))[1].append((name, p))
+        replicas[""][1].extend((n, b) for n, b in self.module.named_buffers() if n.endswith("score_bias"))
+        guards.check(replicas, iter_num, self.engine.device)
 
     def topology(self) -> dict:
         return checkpoint.topology("deepspeed", self.world_size, self.t.ep_size, self.engine.zero_optimization_stage(),
@@ -230,12 +246,13 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
         groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(t.weight_decay))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
         undo_initial_step_(engine.optimizer)
+        ordering = grad_order.install(engine, model, t.check_grad_order)
         if world == 1 and engine.zero_optimization_stage() == 0:
             # A sum over one rank: skip DeepSpeed's flatten-reduce-unflatten pass over every gradient.
             engine.enable_backward_allreduce = False
         if t.compile:  # torch.compile of the module in place (nn.Module.compile): parameter names stay as they are
             engine.compile()
-        return DeepSpeedEngine(engine, t, clip_ourselves)
+        return DeepSpeedEngine(engine, t, clip_ourselves, ordering)
 
     return factory
 
@@ -263,8 +280,8 @@ def run(m: GPTConfig, t: TrainConfig, given: frozenset = frozenset()) -> int:
     except ConfigError as e:
         launch_env.report_error(e)
         return 2
-    except Diverged as e:
-        launch_env.report_error(e)
+    except (Diverged, guards.ReplicasDiverged, grad_order.ReductionOrderMismatch) as e:
+        launch_env.report_error(e)  # nothing of the bad state was saved
         return 3
     except BaseException as e:
         line = launch_env.collective_failure(str(e), launch_env.distributed_frames(e), t.dist_timeout)

@@ -54,6 +54,9 @@ class Engine(Protocol):
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over all ranks (a copy, on the tensor's device)."""
 
+    def check_replicas(self, iter_num: int) -> None:
+        """Stop every rank if copies of a tensor that must be identical differ (guards.py; a collective)."""
+
     def topology(self) -> dict:
         """What the state's layout depends on (checkpoint.topology): recorded in checkpoints."""
 
@@ -132,6 +135,9 @@ class LocalEngine:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def check_replicas(self, iter_num: int):
+        pass  # one device: one copy of everything
 
     def topology(self) -> dict:
         return checkpoint.topology("local", 1, 1, None, str(self.compute_dtype).removeprefix("torch."))
@@ -398,6 +404,8 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
     try:
         while True:
             lr = get_lr(iter_num, t)
+            if replica_check_due(t, iter_num):  # before an eval's save can write diverged copies
+                engine.check_replicas(iter_num)
             if iter_num % t.eval_interval == 0:
                 # may_save: not before this process has trained. A resumed run would otherwise save
                 # again the checkpoint it just loaded: wasted I/O, and a replace of iter_N/ itself.
@@ -444,6 +452,12 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
 
 
 PROFILE_AFTER = 5  # warm-up steps before --profile measures
+
+
+def replica_check_due(t: TrainConfig, iter_num: int) -> bool:
+    """Whether the replica guard runs before this iteration: every replica_check_interval (-1: eval_interval)."""
+    interval = t.eval_interval if t.replica_check_interval == -1 else t.replica_check_interval
+    return interval > 0 and iter_num % interval == 0
 
 
 def report_profile(prof, engine: Engine, t: TrainConfig, log: metrics.MetricsLog, wall_ms: float):

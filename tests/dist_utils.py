@@ -34,6 +34,7 @@ def loopback_env(**extra) -> dict:
 def start_ranks(n: int, argv: list[str]) -> list[subprocess.Popen]:
     """Start launch/train.py on n ranks with the launcher's variables, as the deepspeed launcher would."""
     port = free_port()
+    argv = [*argv, "--check_grad_order=True"]  # the reduction-order guard, on in tests (grad_order.py)
     return [subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *argv], cwd=REPO,
                              env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=n, MASTER_PORT=port),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
