@@ -204,28 +204,34 @@ class Preemption:
     """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at the next step boundary.
 
     SLURM and Kubernetes preempt with SIGTERM (SLURM can send SIGUSR1 earlier with
-    --signal); Ctrl-C is SIGINT. The same signal a second time stops at once, as
-    without this. A different one does not: on Ctrl-C the deepspeed launcher's per-node
-    process forwards SIGTERM to ranks that got the SIGINT themselves a moment before.
-    Handlers can only be set from the main thread; elsewhere this does nothing.
+    --signal); Ctrl-C is SIGINT. A request often arrives more than once: `kill` to the
+    deepspeed launcher's process group reaches each rank directly and again through the
+    launcher, which forwards it, and on Ctrl-C the launcher forwards SIGTERM to ranks that
+    got the SIGINT themselves. So a different signal, or the same one again within
+    DUPLICATE_WINDOW_S of the first, is the same request: the save still happens. The
+    same signal later than that, or a third time, means "stop now", as without this
+    (press Ctrl-C again after a moment). Handlers can only be set from the main thread;
+    elsewhere this does nothing.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    DUPLICATE_WINDOW_S = 2.0
 
     def __init__(self):
         self.requested: str | None = None
-        self.received: set[str] = set()
+        self.received: dict[str, tuple[float, int]] = {}  # signal -> (first arrival, times received)
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if name in self.received:  # asked twice: stop now
+        name, now = signal.Signals(signum).name, time.monotonic()
+        first, times = self.received.get(name, (now, 0))
+        self.received[name] = (first, times + 1)
+        if times and (now - first > self.DUPLICATE_WINDOW_S or times >= 2):  # asked again: stop now
             self.restore()
             signal.raise_signal(signum)
             return
-        self.received.add(name)
         self.requested = self.requested or name
 
     def restore(self):

@@ -141,8 +141,10 @@ def test_cuda_trains_in_auto_dtype(char_data, tmp_path, compile):
     assert rows[-1]["peak_mem_gib"] > 0
 
 
-def test_preemption_flag_same_signal_twice_stops_at_once():
-    """A first signal only sets the flag; a different one keeps waiting; the same one twice is final."""
+@pytest.mark.parametrize("again", ["late", "third"])
+def test_preemption_duplicates_wait_and_a_later_or_third_signal_stops_at_once(again):
+    """A first signal only sets the flag; a different one, or the same one again at once (a group kill
+    plus the launcher's forward), keeps waiting; the same one after the window, or a third time, is final."""
     import os
     import signal
     from nanomoe_ds.trainer import Preemption
@@ -151,8 +153,13 @@ def test_preemption_flag_same_signal_twice_stops_at_once():
     try:
         os.kill(os.getpid(), signal.SIGUSR1)  # delivered to the handler: the process lives on
         os.kill(os.getpid(), signal.SIGTERM)  # e.g. the launcher forwarding the user's Ctrl-C
-        assert preemption.requested == "SIGUSR1" and preemption.received == {"SIGUSR1", "SIGTERM"}
+        os.kill(os.getpid(), signal.SIGUSR1)  # the same request again, within the window
+        assert preemption.requested == "SIGUSR1" and set(preemption.received) == {"SIGUSR1", "SIGTERM"}
+        assert preemption.previous, "a duplicate must not stop the process"
         preemption.previous[signal.SIGUSR1] = signal.SIG_IGN  # what "at once" re-raises into, made harmless
+        if again == "late":
+            first, times = preemption.received["SIGUSR1"]
+            preemption.received["SIGUSR1"] = (first - Preemption.DUPLICATE_WINDOW_S - 1, 1)  # as if long ago
         os.kill(os.getpid(), signal.SIGUSR1)
         assert preemption.previous == {}  # handlers restored and the signal re-raised
         assert signal.getsignal(signal.SIGTERM) != preemption._handle
