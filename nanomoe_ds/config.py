@@ -356,12 +356,18 @@ def is_run_dir(path: str) -> bool:
         os.path.isfile(os.path.join(path, CKPT_NAME))
 
 
-def resolve_init_from(init_from: str, out_dir_has_checkpoint: bool) -> str:
+def resolve_init_from(init_from: str, out_dir_has_checkpoint: bool, out_dir: str = "out") -> str:
     """init_from=auto, the same command for a first start and every restart: resume if out_dir holds
-    a checkpoint, else start from scratch. Anything else is returned as given."""
-    if init_from != "auto":
-        return init_from
-    return "resume" if out_dir_has_checkpoint else "scratch"
+    a checkpoint, else start from scratch. Anything else is returned as given, except a new start
+    (scratch, GPT-2, upcycling) over a run: its first save would prune that run's checkpoints, and
+    a restart command that forgot --init_from=auto would erase the job it should continue."""
+    if init_from == "auto":
+        return "resume" if out_dir_has_checkpoint else "scratch"
+    if init_from != "resume" and out_dir_has_checkpoint:
+        raise ConfigError(f"out_dir '{out_dir}' already holds a run, which --init_from={init_from} would overwrite; "
+                          "continue it with --init_from=auto, or start over in another --out_dir "
+                          "(or move this one aside)")
+    return init_from
 
 
 def init_source(init_from: str) -> str:

@@ -321,7 +321,7 @@ def choose_start(t: TrainConfig) -> tuple[str, int]:
     and pick the checkpoint to resume (its iteration; -1 for an older version's ckpt.pt)."""
     if t.init_from in ("resume", "auto"):
         checkpoint.recover_partial_saves(t.out_dir)
-    init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir))
+    init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir), t.out_dir)
     iteration = t.resume_iter
     if init_from == "resume" and iteration == -1:
         found = checkpoint.committed(t.out_dir)

@@ -128,7 +128,16 @@ def test_local_sources_are_recognised(tmp_path):
 
 @pytest.mark.parametrize("init_from, has_checkpoint, expected", [
     ("auto", True, "resume"), ("auto", False, "scratch"),  # the same command for a first start and a restart
-    ("resume", False, "resume"), ("scratch", True, "scratch"), ("gpt2", True, "gpt2"),  # others as given
+    ("resume", False, "resume"), ("resume", True, "resume"), ("scratch", False, "scratch"),  # others as given
+    ("gpt2", False, "gpt2"),
 ])
 def test_init_from_auto_resumes_where_there_is_a_checkpoint(init_from, has_checkpoint, expected):
     assert config.resolve_init_from(init_from, has_checkpoint) == expected
+
+
+@pytest.mark.parametrize("init_from", ["scratch", "gpt2", "/runs/dense"])
+def test_a_new_start_over_a_run_is_refused(init_from):
+    """Rerunning a finished run's command (scratch by default) would prune its checkpoints at the first save."""
+    with pytest.raises(ConfigError, match=f"^out_dir 'o' already holds a run, which --init_from={init_from} would "
+                                          "overwrite; continue it with --init_from=auto, or start over in another"):
+        config.resolve_init_from(init_from, True, "o")

@@ -107,6 +107,9 @@ ROWS = [
     Row("train", "<tiny> --min_lr=0.01", "need 0 <= min_lr (0.01) <= learning_rate (0.001) when decay_lr=True",
         "a floor above the peak LR"),
     Row("train", "<tiny> --grad_clip=-1", "grad_clip must be >= 0 (0 disables it), got -1.0", "a negative clip"),
+    Row("train", "<tiny> --replica_check_interval=-5",
+        "replica_check_interval must be -1 (every eval_interval), 0 (never) or a number of iterations, got -5",
+        "a replica-guard interval below -1"),
     Row("train", "<tiny> --dtype=float17", "unknown dtype 'float17'; choose auto, float32, bfloat16 or float16",
         "an unknown dtype"),
     Row("train", "<tiny> --device=tpu", "unknown device 'tpu'; use cpu, cuda, cuda:N or mps", "an unknown device"),
@@ -171,6 +174,10 @@ ROWS = [
         "starting from a run into its own out_dir"),
     Row("train", "<tiny> --init_from=<ckpt>", "init_from '<ckpt>' is an MoE run; init_from=resume continues it",
         "an MoE run as the dense source (upcycling starts from a dense model)"),
+    Row("train", "<tiny> --out_dir=<ckpt>",
+        "out_dir '<ckpt>' already holds a run, which --init_from=scratch would overwrite; continue it with "
+        "--init_from=auto, or start over in another --out_dir", "a finished run's command run again (a new start "
+        "over a run: its first save would prune the run's checkpoints)"),
     Row("train", "<tiny> --upcycle_noise=-1", "upcycle_noise must be >= 0, got -1.0",
         "a negative upcycle_noise or upcycle_router_std"),
     # ------------------------------------------------ the DeepSpeed JSON (read before any process group)
@@ -363,7 +370,11 @@ def render() -> str:
               "  (another activation_function, n_inner, layer_norm_epsilon): they need a dense source; tested",
               "  in-process in tests/test_upcycle.py and tests/test_model.py;",
               "- a GPT-2 name with no network and no cache: tested in-process in tests/test_model.py;",
-              "- the benchmark scripts' argument checks (launch/bench/*.py), which are not part of training.", ""]
+              "- the benchmark scripts' argument checks (launch/bench/*.py), which are not part of training.", "",
+              "Stops during training, exit status 3 and nothing of the bad state saved (not input errors, so not",
+              "in the table): a non-finite loss or gradient norm (tests/test_checkpoint.py); replicas of a weight that",
+              "differ between ranks, and ranks that reduced their gradients in different orders",
+              "(docs/equivalence.md; tests/test_guards.py, tests/test_grad_order.py).", ""]
     return "\n".join(lines)
 
 
