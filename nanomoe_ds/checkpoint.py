@@ -280,7 +280,10 @@ def recover_partial_saves(out_dir: str):
     """On resume, by the run that owns out_dir (it holds the run lock), before choosing a checkpoint:
     finish a save whose metadata was written (committed) but not yet renamed; delete the rest of
     what a killed save or removal left. A reader (sample.py, init_from) must not: a run may be saving."""
-    for path in sorted(Path(out_dir).glob("iter_*.partial")):
+    def iteration(path: Path) -> tuple[int, str]:  # iter_9 before iter_10 (string order has it after)
+        it = path.name[5:-len(".partial")]
+        return (int(it) if it.isdigit() else -1, path.name)
+    for path in sorted(Path(out_dir).glob("iter_*.partial"), key=iteration):
         it = path.name[5:-len(".partial")]
         if it.isdigit() and _read_metadata(path / METADATA) is not None:
             _install(out_dir, int(it))

@@ -197,7 +197,9 @@ def check_sinks(t: TrainConfig):
 
 
 def make_sinks(t: TrainConfig, config: dict) -> list[Sink]:
-    sinks: list[Sink] = [JsonlSink(t.out_dir)]
+    """Where records go. An eval_only run is a reader: it holds no lock and writes nothing into out_dir,
+    whose metrics.jsonl belongs to the run (its eval lines go to stdout and the other sinks)."""
+    sinks: list[Sink] = [] if t.eval_only else [JsonlSink(t.out_dir)]
     if t.wandb_log:
         sinks.append(WandbSink(t, config))
     if t.tensorboard_dir:

@@ -319,7 +319,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
 def choose_start(t: TrainConfig) -> tuple[str, int]:
     """Rank 0, holding the run's lock: finish or clear what a killed save left, then resolve init_from=auto
     and pick the checkpoint to resume (its iteration; -1 for an older version's ckpt.pt)."""
-    if t.init_from in ("resume", "auto"):
+    if t.init_from in ("resume", "auto") and not t.eval_only:  # a reader holds no lock: a run may be saving
         checkpoint.recover_partial_saves(t.out_dir)
     init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir), t.out_dir)
     iteration = t.resume_iter
@@ -378,7 +378,7 @@ def set_up_and_run(m: GPTConfig, t: TrainConfig, data_dir, rank: int, engine_fac
         train_s = state.get("train_s", 0.0)  # absent from checkpoints written before it was recorded
     if engine.rank == 0:
         log = metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, start_iter))
-        if ckpt is not None:
+        if ckpt is not None and not t.eval_only:
             record = metrics.resume_record(t.out_dir, start_iter, ckpt.meta["topology"], engine.topology())
             log.event(record, metrics.describe_resume(record))
     else:

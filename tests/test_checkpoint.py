@@ -240,6 +240,32 @@ def test_a_save_killed_after_its_commit_but_before_its_rename_is_finished_on_res
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_3", "iter_6"]
 
 
+def test_complete_partial_saves_are_finished_in_iteration_order(char_data, tmp_path):
+    """iter_9.partial and iter_12.partial both complete: 9 is installed first, then 12. In string order 12
+    went first, and installing 9 then discarded 12 as a checkpoint newer than itself: iteration 12 was lost."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=12, eval_interval=3, keep_last=4)))
+    for it in (9, 12):
+        (tmp_path / f"iter_{it}").rename(tmp_path / f"iter_{it}.partial")
+    checkpoint.recover_partial_saves(str(tmp_path))
+    assert [it for it, _ in checkpoint.committed(str(tmp_path))][-2:] == [9, 12]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_eval_only_is_a_reader_and_changes_nothing_in_out_dir(char_data, tmp_path):
+    """--eval_only=True holds no lock, so it must not recover (a running run may be saving that .partial)
+    nor write into the run's metrics.jsonl: it evaluates and prints, and out_dir is as it was."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
+    shutil.copytree(tmp_path / "iter_6", tmp_path / "iter_9.partial")  # as if the run were saving iter_9 now
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
+                                                                      eval_only=True)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 6: train loss" in r.stdout
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_a_tampered_index_is_refused_in_one_line(char_data, tmp_path):
     """metadata.json carries its own checksum: an index edit that every record's CRC would survive (a shifted
     offset) is refused, not loaded as uninitialised memory."""
