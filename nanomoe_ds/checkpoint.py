@@ -469,10 +469,29 @@ def open_checkpoint(out_dir: str, iteration: int = -1) -> Checkpoint:
                               f"{FORMAT_VERSION}; use the version that wrote it")
     try:
         check_index(meta)
-    except ValueError as e:
-        raise CheckpointError(f"{directory / METADATA} is inconsistent ({e}); resume from an older iter_N "
-                              "with --resume_iter") from None
-    return Checkpoint(directory, meta)
+        ckpt = Checkpoint(directory, meta)
+        sizes = {name: int(info["bytes"]) for name, info in meta["files"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # parses, but the wrong shape
+        raise CheckpointError(f"{directory / METADATA} is inconsistent ({type(e).__name__}: {e}); "
+                              f"{ckpt_fallback(directory, meta)}") from None
+    for name, expected in sizes.items():  # a truncated file can hide behind records that still verify
+        try:
+            size = (directory / name).stat().st_size
+        except OSError as e:
+            raise CheckpointError(f"cannot read {directory / name}: {e.strerror}; {ckpt.fallback()}") from None
+        if size != expected:
+            raise CheckpointError(f"{directory / name} is {'truncated' if size < expected else 'too long'} "
+                                  f"({size:,} bytes; the checkpoint wrote {expected:,}); {ckpt.fallback()}")
+    return ckpt
+
+
+def ckpt_fallback(directory: Path, meta) -> str:
+    """Checkpoint.fallback for a checkpoint whose metadata could not be used."""
+    iteration = meta.get("iter_num") if isinstance(meta, dict) else None
+    older = [it for it, _ in committed(directory.parent) if isinstance(iteration, int) and it < iteration]
+    if older:
+        return f"resume from an older one with --init_from=resume --resume_iter={older[-1]}"
+    return "resume from an older iter_N with --resume_iter"
 
 
 # ---------------------------------------------------------------- whole models (sampling, export, init_from)

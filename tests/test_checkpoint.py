@@ -196,8 +196,9 @@ def test_resume_keeps_the_checkpoints_activation():
 
 
 def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offered(char_data, tmp_path):
-    """Low bits flipped in one record (the value barely changes: only the checksum can tell) and a truncated
-    shard: resume and sample.py refuse in one line naming the file; --resume_iter takes the previous one."""
+    """Low bits flipped in one record (the value barely changes: only the checksum can tell) and a shard
+    truncated after its weights (only its size can tell): resume and sample.py refuse in one line naming the
+    file; --resume_iter takes the previous one."""
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3))
     train(model_cfg, train_cfg)
     shard = tmp_path / "iter_6" / "shard_00000.bin"
@@ -216,11 +217,15 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offere
         assert r.stderr.startswith(expected) and r.stderr.endswith(offer), r.stderr
         assert r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "iter_9.partial").exists()
-    shard.write_bytes(bytes(data[: len(data) // 3]))  # truncated: the same line
+    # Truncated after the last weight: every record sample.py reads still verifies, only the size can tell.
+    weights_end = max(r[4] + 4 * r[2] for r in records if r[0].startswith("model/"))
+    assert weights_end < len(data)
+    shard.write_bytes(bytes(data[:weights_end]))
     r = subprocess.run([sys.executable, "launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu",
                         "--max_new_tokens=2"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
+    truncated = f"error: {shard} is truncated ({weights_end:,} bytes; the checkpoint wrote {len(data):,}); "
+    assert r.returncode == 2 and r.stderr == truncated + offer, r.stderr
     r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
                                                                       resume_iter=3, max_iters=4)],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -264,6 +269,20 @@ def test_eval_only_is_a_reader_and_changes_nothing_in_out_dir(char_data, tmp_pat
     assert "step 6: train loss" in r.stdout
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_metadata_of_the_wrong_shape_is_corrupt_not_a_traceback(char_data, tmp_path):
+    """metadata.json that parses, with a valid checksum, but holds a string where the index has a list."""
+    import zlib
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=3, eval_interval=3)))
+    path = tmp_path / "iter_3" / "metadata.json"
+    meta = json.loads(path.read_bytes())
+    meta.pop("crc32")
+    meta["files"] = "shard_00000.bin"
+    path.write_bytes(json.dumps({**meta, "crc32": zlib.crc32(checkpoint._canonical(meta))}).encode())
+    with pytest.raises(checkpoint.CheckpointError, match=r"metadata.json is inconsistent \(AttributeError: .*"
+                                                         r"resume from an older iter_N with --resume_iter$"):
+        checkpoint.open_checkpoint(str(tmp_path))
 
 
 def test_a_tampered_index_is_refused_in_one_line(char_data, tmp_path):
