@@ -503,11 +503,12 @@ def model_from_checkpoint(ckpt: Checkpoint, dropout: float | None = None) -> GPT
     return model
 
 
-def load_source(init_from: str, dropout: float) -> GPT:
-    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run of ours."""
+def load_source(init_from: str, dropout: float, iteration: int = -1) -> GPT:
+    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run of ours
+    (its checkpoint `iteration`, -1 for the newest)."""
     if init_source(init_from) == "hf":
         return GPT.from_pretrained(init_from, {"dropout": dropout})
-    return model_from_checkpoint(open_checkpoint(init_from), dropout=dropout)
+    return model_from_checkpoint(open_checkpoint(init_from, iteration), dropout=dropout)
 
 
 # ---------------------------------------------------------------- one save, every rank

@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from . import checkpoint, launch_env, metrics, precision, profiling
 from .activation_checkpoint import checkpoint_blocks_
-from .config import ConfigError, GPTConfig, TrainConfig, is_run_dir, resolve_init_from, to_dict
+from .config import ConfigError, GPTConfig, TrainConfig, init_source, is_run_dir, resolve_init_from, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
 from .run_lock import RunLock
@@ -265,10 +265,11 @@ def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
     return out
 
 
-def build_model(m: GPTConfig, t: TrainConfig) -> GPT:
-    """A new model (scratch, resume), or one started from a dense source: with use_moe=True, upcycled."""
+def build_model(m: GPTConfig, t: TrainConfig, source_iter: int = -1) -> GPT:
+    """A new model (scratch, resume), or one started from a dense source: with use_moe=True, upcycled.
+    `source_iter` picks a run source's checkpoint (rank 0's choice; -1: its newest)."""
     if t.init_from not in ("scratch", "resume"):  # a GPT-2 (name or HF directory) or a dense run's out_dir
-        dense = checkpoint.load_source(t.init_from, m.dropout)
+        dense = checkpoint.load_source(t.init_from, m.dropout, source_iter)
         if dense.config.use_moe:
             raise ConfigError(f"init_from '{t.init_from}' is an MoE run; init_from=resume continues it "
                               "(with out_dir set to it), and upcycling starts from a dense model")
@@ -309,8 +310,10 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     try:
         # Rank 0 decides where every rank starts: ranks that each looked for the newest checkpoint
         # could see different ones (a save being finished, a file system's stale directory cache).
-        t.init_from, t.resume_iter = rank0_decides(lock_and_choose, rank)
-        return set_up_and_run(m, t, data_dir, rank, engine_factory, given, asked)
+        t.init_from, iteration = rank0_decides(lock_and_choose, rank)
+        if t.init_from == "resume":
+            t.resume_iter = iteration
+        return set_up_and_run(m, t, data_dir, rank, engine_factory, given, asked, iteration)
     finally:
         for lock in locks:
             lock.release()
@@ -318,7 +321,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
 
 def choose_start(t: TrainConfig) -> tuple[str, int]:
     """Rank 0, holding the run's lock: finish or clear what a killed save left, then resolve init_from=auto
-    and pick the checkpoint to resume (its iteration; -1 for an older version's ckpt.pt)."""
+    and pick the checkpoint to start from: the one to resume, or a source run's newest (its iteration;
+    -1 for an older version's ckpt.pt, or a source that is not a run of ours)."""
     if t.init_from in ("resume", "auto") and not t.eval_only:  # a reader holds no lock: a run may be saving
         checkpoint.recover_partial_saves(t.out_dir)
     init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir), t.out_dir)
@@ -326,6 +330,9 @@ def choose_start(t: TrainConfig) -> tuple[str, int]:
     if init_from == "resume" and iteration == -1:
         found = checkpoint.committed(t.out_dir)
         iteration = found[-1][0] if found else -1  # none: an older version's ckpt.pt, or the refusal on opening
+    elif init_source(init_from) == "run":  # every rank must load the same one, even while that run saves
+        found = checkpoint.committed(init_from)
+        iteration = found[-1][0] if found else -1
     return init_from, iteration
 
 
@@ -350,13 +357,14 @@ def rank0_decides(decide, rank: int):
 
 
 def set_up_and_run(m: GPTConfig, t: TrainConfig, data_dir, rank: int, engine_factory, given: frozenset,
-                   asked: str) -> dict:
-    """Model, engine, resume, loop. `asked` is the init_from the user gave, for messages."""
+                   asked: str, source_iter: int = -1) -> dict:
+    """Model, engine, resume, loop. `asked` is the init_from the user gave, for messages; `source_iter`
+    the checkpoint rank 0 chose in a source run."""
     ckpt = None
     if t.init_from == "resume":  # the checkpoint's model shape wins, as in nanoGPT, unless given otherwise
         ckpt = checkpoint.open_checkpoint(t.out_dir, t.resume_iter)  # the metadata; tensors are read by engine.load
         m = checkpoint.resume_model_config(ckpt.meta["model_args"], m, given, asked)
-    model = build_model(m, t)
+    model = build_model(m, t, source_iter)
     check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)

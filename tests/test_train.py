@@ -276,3 +276,19 @@ def test_cuda_step_syncs_only_in_to_host(char_data, tmp_path, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert losses.shape == (4,) and norm > 0
+
+
+def test_rank_0_picks_the_source_runs_checkpoint_and_every_rank_loads_that_one(char_data, tmp_path):
+    """init_from=<a dense run>: rank 0 chooses the source's newest checkpoint (choose_start) and the ranks
+    build from that iteration, not each from whatever is newest when it looks (the source may be saving)."""
+    import torch
+    from nanomoe_ds import checkpoint
+    from nanomoe_ds.trainer import build_model, choose_start
+    source = tmp_path / "dense"
+    run_tiny(char_data, source, use_moe=False, max_iters=6, eval_interval=3)
+    m, t = from_argv(tiny_args(char_data, tmp_path / "moe", init_from=str(source)))
+    assert choose_start(t) == (str(source), 6)
+    model = build_model(m, t, 3)  # as if rank 0 had chosen iteration 3
+    older = checkpoint.open_checkpoint(str(source), 3)
+    expert = model.transformer.h[0].mlp.experts.w_in[0]  # upcycled: every expert starts as the dense MLP
+    torch.testing.assert_close(expert, older.whole("model/transformer.h.0.mlp.c_fc.weight").t(), rtol=0, atol=0)
