@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Only the config and the launcher's variables here: neither imports torch, so a bad
 # argument is refused in a fraction of a second rather than after torch's import.
 from nanomoe_ds.config import ConfigError, build, parse_args  # noqa: E402
-from nanomoe_ds.launch_env import report_error  # noqa: E402
+from nanomoe_ds.launch_env import os_error_line, report_error  # noqa: E402
 
 
 def main(argv):
@@ -37,6 +37,9 @@ def main(argv):
     except Diverged as e:
         report_error(e)
         sys.exit(3)
+    except OSError as e:  # a disk that fills or goes away mid-run: one line, not a traceback
+        report_error(os_error_line(e))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

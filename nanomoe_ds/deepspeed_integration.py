@@ -216,7 +216,15 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     os.environ.update(launch_env.distributed_env(os.environ))  # srun: translate SLURM's variables
     timeout = datetime.timedelta(seconds=t.dist_timeout)
     set_group_timeout(timeout)
-    deepspeed.init_distributed(timeout=timeout)
+    try:
+        deepspeed.init_distributed(timeout=timeout)
+    except RuntimeError as e:  # torch's DistNetworkError: the rendezvous store could not listen
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        port = os.environ.get("MASTER_PORT", "29500")
+        raise ConfigError(f"the rendezvous port {port} on {os.environ.get('MASTER_ADDR', 'this node')} is in use "
+                          "(a previous job's ranks still exiting, or another job on this node); choose another "
+                          "with the launcher's --master_port=N (torchrun: --master-port, or set MASTER_PORT)") from None
     world = dist.get_world_size()
     t.gradient_accumulation_steps, changed = fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)
     if changed and dist.get_rank() == 0:
@@ -283,6 +291,9 @@ def run(m: GPTConfig, t: TrainConfig, given: frozenset = frozenset()) -> int:
     except (Diverged, guards.ReplicasDiverged, grad_order.ReductionOrderMismatch) as e:
         launch_env.report_error(e)  # nothing of the bad state was saved
         return 3
+    except OSError as e:  # a disk that fills or goes away mid-run: one line, not a traceback
+        launch_env.report_error(launch_env.os_error_line(e))
+        return 1
     except BaseException as e:
         line = launch_env.collective_failure(str(e), launch_env.distributed_frames(e), t.dist_timeout)
         if line is None:  # not another rank's failure: a bug, whose traceback is the report

@@ -101,6 +101,23 @@ def run_script(main, argv: list[str]):
         sys.exit(2)
 
 
+def os_error_line(error: OSError) -> str:
+    """One line for a failed file operation: the path, what the system said, and what to do about it."""
+    import errno
+    where = f"{error.filename}: " if error.filename else ""
+    advice = {
+        errno.ENOSPC: "free space or choose another --out_dir",
+        errno.EDQUOT: "free space within your quota or choose another --out_dir",
+        errno.EROFS: "the file system is read-only: choose a writable --out_dir",
+        errno.EACCES: "check its permissions, or choose another --out_dir",
+        errno.EPERM: "check its permissions, or choose another --out_dir",
+        errno.ENOENT: "it is not there on this node: a multi-node run needs an out_dir that every node shares",
+        errno.ENOLCK: "this file system does not support file locks (flock): mount Lustre with -o flock, run NFS "
+                      "with its lock manager, or put out_dir on a file system that locks",
+    }.get(error.errno, "check the path and the file system, then start again with --init_from=auto")
+    return f"{where}{error.strerror or error}; {advice}"
+
+
 def report_error(error: Exception):
     """Print an error on this rank's stderr, in one line, whichever rank it is.
 

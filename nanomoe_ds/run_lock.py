@@ -14,6 +14,7 @@ disks lock across processes as intended.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,6 +22,7 @@ import socket
 import time
 from pathlib import Path
 
+from . import launch_env
 from .config import ConfigError
 
 LOCK_NAME = ".run.lock"
@@ -45,8 +47,19 @@ class RunLock:
             raise ConfigError(f"out_dir '{out_dir}' is in use by another run ({holder}); two runs would overwrite "
                               "each other's checkpoints: wait for it to end or stop it, or choose another --out_dir") \
                 from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(), 0)
+        except OSError as e:  # ENOLCK and kin: a file system without flock (Lustre without -o flock, NFS without lockd)
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                e = OSError(errno.ENOLCK, f"cannot lock it ({e.strerror})", str(path))
+            raise ConfigError(f"out_dir '{out_dir}' cannot hold the run's lock: {launch_env.os_error_line(e)}") \
+                from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(),
+                      0)
+        except OSError as e:  # a full disk: name the file (a write through a descriptor does not)
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         return cls(fd, path)
 
     def release(self):

@@ -345,6 +345,8 @@ def rank0_decides(decide, rank: int):
             outcome = ("ok", decide())
         except ConfigError as e:
             outcome = ("error", str(e))
+        except OSError as e:  # the lock's write on a full disk, recovery in a read-only out_dir: every rank says so
+            outcome = ("error", launch_env.os_error_line(e))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":  # object collectives go through the current GPU: this rank's own
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

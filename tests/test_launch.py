@@ -277,3 +277,20 @@ def test_slurm_requeue_continues_where_the_time_limit_stopped(char_data, tmp_pat
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at iteration " in second.stdout
     assert [r["iter"] for r in train_rows(tmp_path / "run")] == list(range(401))  # each iteration once
+
+
+def test_a_rendezvous_port_in_use_is_one_line_naming_it(char_data, tmp_path):
+    """A previous job's ranks still hold the port (here: a socket this test listens on): one line that names
+    the port and how to choose another, exit status 2, not torch's EADDRINUSE traceback."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "launch/train.py", "--deepspeed_config", ds_json(tmp_path, "zero2"),
+                            *tiny_args(char_data, tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, env=loopback_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_PORT=port))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr == (f"error: the rendezvous port {port} on 127.0.0.1 is in use (a previous job's ranks still "
+                        "exiting, or another job on this node); choose another with the launcher's --master_port=N "
+                        "(torchrun: --master-port, or set MASTER_PORT)\n"), r.stderr[-2000:]

@@ -54,3 +54,38 @@ def test_a_second_run_into_a_running_runs_out_dir_is_refused_and_a_kill_frees_it
                            capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "resumed at iteration " in third.stdout
+
+
+def test_a_file_system_without_flock_is_one_line_naming_the_cause(tmp_path, monkeypatch):
+    """Lustre without -o flock, NFS without its lock manager: flock fails with ENOLCK (simulated: a local
+    disk locks). One line that names the cause and the way out, not a traceback."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match=rf"^out_dir '{tmp_path}' cannot hold the run's lock: {tmp_path}/.run.lock: "
+                                          r"cannot lock it \(No locks available\); this file system does not support "
+                                          r"file locks \(flock\): mount Lustre with -o flock"):
+        RunLock.acquire(str(tmp_path))
+
+
+def test_a_full_disk_at_start_up_is_one_line(char_data, tmp_path):
+    """The disk is full before the run starts: the lock's own write fails (ENOSPC), in one line that says
+    what to do, exit status 2, before any compute."""
+    from test_checkpoint import in_mount_namespace
+    mnt, res = tmp_path / "mnt", tmp_path / "res"
+    mnt.mkdir()
+    res.mkdir()
+    train = f"{sys.executable} launch/train.py " + " ".join(tiny_args(char_data, mnt / "run"))
+    in_mount_namespace(f"""
+        mount -t tmpfs -o size=64k tmpfs {mnt}
+        mkdir {mnt}/run
+        dd if=/dev/zero of={mnt}/fill bs=4k count=64 2>/dev/null || true
+        {train} > {res}/out 2> {res}/err && echo 0 > {res}/rc || echo $? > {res}/rc
+    """, tmp_path)
+    err = (res / "err").read_text()
+    assert (res / "rc").read_text().strip() == "2", err[-2000:]
+    assert err == (f"error: {mnt / 'run' / '.run.lock'}: No space left on device; free space or choose another "
+                   "--out_dir\n"), err
