@@ -226,12 +226,41 @@ def _discard(path: Path):
 
 def _install(out_dir: str, iter_num: int):
     """Rename a complete iter_N.partial to iter_N. Checkpoints at N or newer (left by a run resumed from an
-    older one with --resume_iter) go first, so that "the newest" is always this run's."""
+    older one with --resume_iter) go out of sight first, so that "the newest" is always this run's; they
+    are deleted only once the new one is in place, and come back if the rename fails. A directory at
+    iter_N that is not a committed checkpoint (a crash's, an older format's, a copy by hand) is moved
+    aside, never reused or deleted."""
+    target = Path(out_dir) / f"iter_{iter_num}"
+    if target.exists() and not (target / METADATA).is_file():
+        aside = _free_name(target.with_name(target.name + ".stale"))
+        os.replace(target, aside)
+        print(f"note: {target} was not a committed checkpoint (no {METADATA}); moved aside to {aside.name}",
+              flush=True)
+    hidden = []
     for it, path in committed(out_dir):
         if it >= iter_num:
-            _discard(path)
-    os.replace(staging_dir(out_dir, iter_num), Path(out_dir) / f"iter_{iter_num}")
+            trash = path.with_name(path.name + ".discard")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(path, trash)
+            hidden.append((path, trash))
+    try:
+        os.replace(staging_dir(out_dir, iter_num), target)
+    except OSError:
+        for path, trash in hidden:  # a failed install loses nothing that was committed
+            os.replace(trash, path)
+        raise
     _fsync_dir(Path(out_dir))
+    for _, trash in hidden:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`, ... : the first name not taken."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def commit(out_dir: str, iter_num: int, meta: dict, keep_last: int) -> str | None:

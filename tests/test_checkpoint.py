@@ -542,3 +542,18 @@ def test_the_fp16_loss_scale_survives_a_resharded_deepspeed_resume(char_data, tm
     assert [r.returncode for r in res] == [0, 0], res[0].stderr[-2000:]
     assert "resharded from deepspeed world 2, ep_size 2" in res[0].stdout
     assert checkpoint.open_checkpoint(str(tmp_path / "run")).meta["loss_scale"]["scale"] == 1024.0
+
+
+def test_a_stale_directory_at_a_saved_iteration_is_moved_aside_and_nothing_committed_is_lost(char_data, tmp_path):
+    """iter_17/ without metadata (a crash's, an older format's, a copy by hand) where a resumed run saves:
+    the save succeeds, the stale directory is kept aside with its contents, and the rewind discards only the
+    abandoned timeline's newer checkpoint (iter_20), after iter_17 is in place."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=20, eval_interval=5, keep_last=4)))
+    assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [5, 10, 15, 20]
+    (tmp_path / "iter_17").mkdir()
+    (tmp_path / "iter_17" / "notes.txt").write_text("mine")
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=17, eval_interval=17, keep_last=4,
+                               init_from="resume", resume_iter=15)))
+    assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [5, 10, 15, 17]
+    assert (tmp_path / "iter_17.stale" / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob("*.discard")) and not list(tmp_path.glob("*.partial"))
