@@ -306,8 +306,10 @@ def validate_train(t: TrainConfig):
     _check(blocker is None, f"out_dir '{t.out_dir}' cannot be made: '{blocker}' is a file, not a directory; "
                             "choose another --out_dir")
     _check(t.resume_iter >= -1, f"resume_iter must be -1 (the newest checkpoint) or an iteration, got {t.resume_iter}")
-    _check(t.resume_iter == -1 or t.init_from in ("resume", "auto"),
-           f"resume_iter={t.resume_iter} picks a checkpoint to resume; it needs --init_from=resume")
+    _check(t.resume_iter == -1 or t.init_from == "resume",
+           f"resume_iter={t.resume_iter} picks a checkpoint to resume once; it needs --init_from=resume" +
+           (" (init_from=auto is the command every restart repeats: with resume_iter it would rewind to "
+            f"iteration {t.resume_iter} again at each one)" if t.init_from == "auto" else ""))
     _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
     if init_source(t.init_from) == "run":

@@ -557,3 +557,14 @@ def test_a_stale_directory_at_a_saved_iteration_is_moved_aside_and_nothing_commi
     assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [5, 10, 15, 17]
     assert (tmp_path / "iter_17.stale" / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.glob("*.discard")) and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_complete_partial_beside_a_stale_directory_of_its_iteration_is_installed(char_data, tmp_path):
+    """A complete iter_6.partial next to a stale iter_6/ without metadata: recovery installs the partial
+    and keeps the stale directory aside (it raised a traceback)."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
+    (tmp_path / "iter_6").rename(tmp_path / "iter_6.partial")
+    (tmp_path / "iter_6").mkdir()
+    checkpoint.recover_partial_saves(str(tmp_path))
+    assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [3, 6]
+    assert (tmp_path / "iter_6.stale").is_dir()

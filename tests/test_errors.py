@@ -174,6 +174,10 @@ ROWS = [
         "starting from a run into its own out_dir"),
     Row("train", "<tiny> --init_from=<ckpt>", "init_from '<ckpt>' is an MoE run; init_from=resume continues it",
         "an MoE run as the dense source (upcycling starts from a dense model)"),
+    Row("train", "<tiny> --init_from=auto --resume_iter=3",
+        "resume_iter=3 picks a checkpoint to resume once; it needs --init_from=resume (init_from=auto is the command "
+        "every restart repeats: with resume_iter it would rewind to iteration 3 again at each one)",
+        "resume_iter in a restart command (init_from=auto)"),
     Row("train", "<tiny> --out_dir=<ckpt>",
         "out_dir '<ckpt>' already holds a run, which --init_from=scratch would overwrite; continue it with "
         "--init_from=auto, or start over in another --out_dir", "a finished run's command run again (a new start "
