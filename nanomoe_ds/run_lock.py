@@ -28,6 +28,17 @@ from .config import ConfigError
 LOCK_NAME = ".run.lock"
 
 
+class LockHeld(ConfigError):
+    """Another process holds the lock; `holder` says who, as far as its file tells."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
+_HELD: dict[str, "RunLock"] = {}  # out_dir (its real path) -> this process's lock on it
+
+
 class RunLock:
     """Held from `acquire` until `release` or the end of the process."""
 
@@ -36,6 +47,25 @@ class RunLock:
 
     @classmethod
     def acquire(cls, out_dir: str) -> "RunLock":
+        for _ in range(3):  # the file can be deleted between our open and our flock: then lock the new one
+            lock = cls._acquire_once(out_dir)
+            if lock.is_current():
+                _HELD[os.path.realpath(out_dir)] = lock
+                return lock
+            lock.release()
+        raise ConfigError(f"out_dir '{out_dir}': its {LOCK_NAME} keeps being deleted while this run takes it; stop "
+                          "whatever removes it, then start again")
+
+    def is_current(self) -> bool:
+        """Whether the file this lock holds is still the one at out_dir/.run.lock (not deleted, not replaced)."""
+        try:
+            here, mine = os.stat(self.path), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+    @classmethod
+    def _acquire_once(cls, out_dir: str) -> "RunLock":
         path = Path(out_dir) / LOCK_NAME
         os.makedirs(out_dir, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -44,9 +74,9 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise ConfigError(f"out_dir '{out_dir}' is in use by another run ({holder}); two runs would overwrite "
-                              "each other's checkpoints: wait for it to end or stop it, or choose another --out_dir") \
-                from None
+            raise LockHeld(f"out_dir '{out_dir}' is in use by another run ({holder}); two runs would overwrite "
+                           "each other's checkpoints: wait for it to end or stop it, or choose another --out_dir",
+                           holder) from None
         except OSError as e:  # ENOLCK and kin: a file system without flock (Lustre without -o flock, NFS without lockd)
             os.close(fd)
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -66,6 +96,31 @@ class RunLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = -1
+        for key, lock in list(_HELD.items()):
+            if lock is self:
+                del _HELD[key]
+
+
+def ensure_held(out_dir: str):
+    """Before this run writes into out_dir (a save): its lock must still be the file at out_dir/.run.lock.
+
+    A cleanup (`rm -rf out/.*`) that deleted it lets a second run in, and two writers would then
+    prune each other's checkpoints. If the file is gone or new and no one holds it, this run takes
+    it again (with a note); if another run holds it, ConfigError: this run stops without writing.
+    A process that holds no lock on out_dir (ranks other than 0, readers) has nothing to check.
+    """
+    lock = _HELD.get(os.path.realpath(out_dir))
+    if lock is None or lock.is_current():
+        return
+    lock.release()
+    try:
+        RunLock.acquire(out_dir)
+    except LockHeld as e:
+        raise ConfigError(f"this run's lock on out_dir '{out_dir}' was deleted or replaced while it trained (a "
+                          f"cleanup script?), and another run now holds it ({e.holder}); this run stops without "
+                          "saving, so that it overwrites none of that run's files; check out_dir, then continue "
+                          "the run you keep with --init_from=auto") from None
+    print(f"note: {Path(out_dir) / LOCK_NAME} was deleted while this run held it; it is taken again", flush=True)
 
 
 def _read_holder(fd: int) -> str:

@@ -20,12 +20,11 @@ from typing import Protocol
 import torch
 from torch.profiler import record_function
 
-from . import checkpoint, launch_env, metrics, precision, profiling
+from . import checkpoint, launch_env, metrics, precision, profiling, run_lock
 from .activation_checkpoint import checkpoint_blocks_
 from .config import ConfigError, GPTConfig, TrainConfig, init_source, is_run_dir, resolve_init_from, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
-from .run_lock import RunLock
 from .upcycle import upcycle
 
 
@@ -305,7 +304,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
 
     def lock_and_choose() -> tuple[str, int]:
         if not t.eval_only:  # one writer per out_dir; released by the kernel however this process ends
-            locks.append(RunLock.acquire(t.out_dir))
+            locks.append(run_lock.RunLock.acquire(t.out_dir))
         return choose_start(t)
     try:
         # Rank 0 decides where every rank starts: ranks that each looked for the newest checkpoint
@@ -507,7 +506,8 @@ def evaluate_and_save(engine: Engine, batches: Batches, t: TrainConfig, log: met
 
 
 def save(engine: Engine, t: TrainConfig, iter_num: int, best_val: float, train_s: float):
-    """A checkpoint from which training continues at `iter_num`."""
+    """A checkpoint from which training continues at `iter_num`, written only while this run still owns out_dir."""
+    rank0_decides(lambda: run_lock.ensure_held(t.out_dir), engine.rank)  # every rank stops if rank 0 lost it
     model_cfg = engine.module.config
     engine.save(t.out_dir, {"iter_num": iter_num, "best_val_loss": best_val, "train_s": train_s,
                             "model_args": asdict(model_cfg), "config": to_dict(model_cfg, t)})

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -89,3 +91,50 @@ def test_a_full_disk_at_start_up_is_one_line(char_data, tmp_path):
     assert (res / "rc").read_text().strip() == "2", err[-2000:]
     assert err == (f"error: {mnt / 'run' / '.run.lock'}: No space left on device; free space or choose another "
                    "--out_dir\n"), err
+
+
+def test_a_deleted_lock_is_taken_again_or_the_run_stops_before_it_writes(char_data, tmp_path):
+    """Tried for real: `.run.lock` deleted under a training run. Alone, the run takes it again at its next
+    save. With a second run admitted meanwhile (it locked the new file), the first stops at its next save
+    in one line, without writing: it prunes none of the second run's files."""
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    first = subprocess.Popen(train_cmd(char_data, alone, max_iters=12, eval_interval=6), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_iter(alone, 2, [first])
+    (alone / ".run.lock").unlink()
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    assert f"note: {alone / '.run.lock'} was deleted while this run held it; it is taken again" in out
+    assert (alone / "iter_12").is_dir()
+
+    first = subprocess.Popen(train_cmd(char_data, shared, max_iters=100000, eval_interval=10), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        wait_for_iter(shared, 2, [first])
+        first.send_signal(signal.SIGSTOP)  # paused before its next save, until the second run holds the lock
+        (shared / ".run.lock").unlink()
+        second = subprocess.Popen(train_cmd(char_data, shared, max_iters=100000, eval_interval=100000,
+                                            init_from="auto"), cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while f'"pid": {second.pid}' not in ((shared / ".run.lock").read_text()
+                                            if (shared / ".run.lock").exists() else ""):
+            assert time.time() < deadline and second.poll() is None, "the second run did not take the lock"
+            time.sleep(0.1)
+        assert max(r["iter"] for r in records(shared) if "loss" in r) < 9, "the first run saved too soon"
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=120)
+        assert second.poll() is None  # the second run trains on
+    finally:
+        for p in (first, second):
+            if p is not None:
+                p.kill()
+                p.communicate()
+    assert first.returncode == 2, err[-2000:]
+    assert re.fullmatch(rf"error: this run's lock on out_dir '{shared}' was deleted or replaced while it trained "
+                        rf"\(a cleanup script\?\), and another run now holds it \(pid {second.pid} on host .*\); "
+                        r"this run stops without saving, so that it overwrites none of that run's files; check "
+                        r"out_dir, then continue the run you keep with --init_from=auto\n",
+                        err), err
+    assert not list(shared.glob("iter_*"))
