@@ -7,7 +7,8 @@ one process as a single rank (RANK=0, WORLD_SIZE=1, gloo or NCCL). Suffixes:
   -kept     keep the JSON's ZeRO stage on one rank (--zero_single_rank_as_stage0=False):
             DeepSpeed's ZeRO machinery itself, which the default replaces with ZeRO-0 there;
   -unfused  the JSON's optimizer with "fused": false (DeepSpeed's torch AdamW default);
-  -ac       --activation_checkpointing=True (any variant, e.g. plain-ac, zero2-ac).
+  -ac       --activation_checkpointing=True (any variant, e.g. plain-ac, zero2-ac);
+  -check    --check_grad_order=True: the reduction-order guard's cost per step (zero2-kept-check).
 Each step is the trainer's own train_step over one fixed micro-batch. Steps of all variants
 are interleaved (one step of each per round, rotating the order) and the median of the
 timed rounds is reported with its ratio to `plain` of the same model, next to what autograd
@@ -82,6 +83,8 @@ def build(model: str, variant: str, args, overrides: list[str], tmp: str):
     argv += [f"--deepspeed_config={ds_json(kind, args.dtype, False if 'unfused' in options else None, tmp)}"]
     if "kept" in options:
         argv.append("--zero_single_rank_as_stage0=False")
+    if "check" in options:
+        argv.append("--check_grad_order=True")
     model_cfg, train_cfg = from_argv(argv)
     factory = make_engine_factory(model_cfg, train_cfg)
     return factory(seeded_model(model_cfg, train_cfg), train_cfg)
@@ -127,6 +130,22 @@ def step_peak_mib(engine, batches: FixedBatches) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def replica_check_ms(model: GPT, repeats: int = 20) -> float:
+    """Median time of the replica guard's work on one rank: a fingerprint of every weight (guards.py).
+    Its all-reduce moves 32 bytes per tensor; a step between two checks pays nothing."""
+    import time
+    from nanomoe_ds import guards
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for p in model.parameters():
+            guards.fingerprint(p)
+        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def stage_run(engine) -> str:
     """The ZeRO stage the engine actually runs ('-' for the plain loop)."""
     return str(int(engine.engine.zero_optimization_stage())) if hasattr(engine, "engine") else "-"
@@ -159,8 +178,9 @@ def main():
             peak = {v: step_peak_mib(engine, batches) for v, engine in engines.items()}
             step_ms = time_steps(engines, args.steps, args.warmup, batches.x)
             flops = plain.module.flops_per_token()
+            guard_ms = replica_check_ms(plain.module)
             rows.append((model, {v: (step_ms[v], saved[v], peak[v], stage_run(engines[v])) for v in variants}, flops,
-                         batches.x.numel()))
+                         batches.x.numel(), guard_ms))
             del engines, plain
     print_report(args, variants, rows)
     sys.stdout.flush()
@@ -175,16 +195,20 @@ def print_report(args, variants: list[str], rows: list):
     print(f"# {' '.join(['python launch/bench/bench_engine.py'] + sys.argv[1:])}")
     print("| model | " + " | ".join(variants) + " |")
     print("|---|" + "---:|" * len(variants))
-    for model, results, _, _ in rows:
+    for model, results, _, _, _ in rows:
         ref = results["plain"][0]
         cells = [f"{ms:.1f} ms ({ms / ref:.2f}x, ZeRO {stage}, {saved:.1f} MiB)" if v != "plain"
                  else f"{ms:.1f} ms ({saved:.1f} MiB)" for v, (ms, saved, _, stage) in results.items()]
         print(f"| {model} | " + " | ".join(cells) + " |")
     print("cells: median step (x plain, the ZeRO stage that ran, MiB kept for backward by one forward)\n")
+    for model, results, _, _, guard_ms in rows:
+        print(f"replica check, {model}: {guard_ms:.2f} ms to fingerprint every weight = "
+              f"{guard_ms / results['plain'][0]:.3f} of a plain step, once per replica_check_interval")
+    print()
     peak_flops = device_peak_flops(args.device, DTYPES[args.dtype], 0.0)
     print("| model | variant | tokens/s | MFU | step peak above resident |")
     print("|---|---|---:|---:|---:|")
-    for model, results, flops_per_token, tokens in rows:
+    for model, results, flops_per_token, tokens, _ in rows:
         for v, (ms, _, peak, _) in results.items():
             tokens_per_s = tokens / (ms / 1e3)
             util = mfu(flops_per_token, tokens_per_s, peak_flops)
