@@ -10,10 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Only the config and the launcher's variables here: neither imports torch, so a bad
-# argument is refused in a fraction of a second rather than after torch's import.
+# Only the config, the launcher's variables and the signal handlers here: none imports torch, so a
+# bad argument is refused in a fraction of a second rather than after torch's import.
 from nanomoe_ds.config import ConfigError, build, parse_args  # noqa: E402
 from nanomoe_ds.launch_env import os_error_line, report_error  # noqa: E402
+from nanomoe_ds.preemption import Preemption  # noqa: E402
 
 
 def main(argv):
@@ -24,6 +25,7 @@ def main(argv):
         report_error(e)
         sys.exit(2)
     given = frozenset(overrides)  # what the preset and command line set, checked against a resumed checkpoint
+    Preemption.install()  # before the slow imports and start-up: a signal from now on stops cleanly
     from nanomoe_ds import deepspeed_integration
     from nanomoe_ds.trainer import Diverged, train
     if train_cfg.deepspeed_config:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -25,6 +23,7 @@ from .activation_checkpoint import checkpoint_blocks_
 from .config import ConfigError, GPTConfig, TrainConfig, init_source, is_run_dir, resolve_init_from, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
 from .model import GPT
+from .preemption import Preemption
 from .upcycle import upcycle
 
 
@@ -197,46 +196,6 @@ def check_finite(values: dict, iter_num: int, out_dir: str):
             raise Diverged(f"non-finite {name} ({value}) at iteration {iter_num}: training stopped and nothing of it "
                            f"was saved (the checkpoint in {out_dir} is the last good state); lower learning_rate "
                            "or check the data, then resume with --init_from=resume")
-
-
-class Preemption:
-    """Turns SIGTERM, SIGINT and SIGUSR1 into a request to stop at the next step boundary.
-
-    SLURM and Kubernetes preempt with SIGTERM (SLURM can send SIGUSR1 earlier with
-    --signal); Ctrl-C is SIGINT. A request often arrives more than once: `kill` to the
-    deepspeed launcher's process group reaches each rank directly and again through the
-    launcher, which forwards it, and on Ctrl-C the launcher forwards SIGTERM to ranks that
-    got the SIGINT themselves. So a different signal, or the same one again within
-    DUPLICATE_WINDOW_S of the first, is the same request: the save still happens. The
-    same signal later than that, or a third time, means "stop now", as without this
-    (press Ctrl-C again after a moment). Handlers can only be set from the main thread;
-    elsewhere this does nothing.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-    DUPLICATE_WINDOW_S = 2.0
-
-    def __init__(self):
-        self.requested: str | None = None
-        self.received: dict[str, tuple[float, int]] = {}  # signal -> (first arrival, times received)
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        name, now = signal.Signals(signum).name, time.monotonic()
-        first, times = self.received.get(name, (now, 0))
-        self.received[name] = (first, times + 1)
-        if times and (now - first > self.DUPLICATE_WINDOW_S or times >= 2):  # asked again: stop now
-            self.restore()
-            signal.raise_signal(signum)
-            return
-        self.requested = self.requested or name
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
 
 
 @torch.no_grad()
@@ -415,7 +374,7 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
     t0, running_mfu, local_iter = time.time(), None, 0
     # train_s: seconds spent in training steps (evaluation and checkpoints excluded), carried across
     # resumes in the checkpoint: runs compare on it
-    preemption = Preemption()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
+    preemption = Preemption.install()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
     try:
         while True:
             lr = get_lr(iter_num, t)

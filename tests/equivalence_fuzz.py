@@ -137,7 +137,6 @@ def run(case: dict, data_dir: Path, work: Path, timeout: float = 300) -> list[st
 
 
 def compare(one_dir: Path, dist_dir: Path) -> list[str]:
-    import torch
     problems = []
     one, dist = train_rows(one_dir), train_rows(dist_dir)
     if [r["iter"] for r in one] != [r["iter"] for r in dist]:

@@ -147,7 +147,7 @@ def test_preemption_duplicates_wait_and_a_later_or_third_signal_stops_at_once(ag
     plus the launcher's forward), keeps waiting; the same one after the window, or a third time, is final."""
     import os
     import signal
-    from nanomoe_ds.trainer import Preemption
+    from nanomoe_ds.preemption import Preemption
     original = signal.getsignal(signal.SIGUSR1)
     preemption = Preemption()
     try:
@@ -292,3 +292,26 @@ def test_rank_0_picks_the_source_runs_checkpoint_and_every_rank_loads_that_one(c
     older = checkpoint.open_checkpoint(str(source), 3)
     expert = model.transformer.h[0].mlp.experts.w_in[0]  # upcycled: every expert starts as the dense MLP
     torch.testing.assert_close(expert, older.whole("model/transformer.h.0.mlp.c_fc.weight").t(), rtol=0, atol=0)
+
+
+def test_a_signal_during_start_up_stops_cleanly_after_the_first_step(char_data, tmp_path):
+    """SIGUSR1 while the process is still importing and starting (SLURM's time-limit warning can come at
+    any moment): the handler is already in, so the run trains one step, saves and exits 0 (a requeue trap
+    acts on that) instead of being killed by the signal's default action."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, max_iters=50)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while True:  # the handler is in once the kernel lists SIGUSR1 among the caught signals
+        caught = next(line for line in open(f"/proc/{proc.pid}/status") if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1:
+            break
+        assert time.time() < deadline and proc.poll() is None, "the handler was never installed"
+        time.sleep(0.005)
+    assert not (tmp_path / "metrics.jsonl").exists()  # still starting up
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGUSR1 before iteration 1; checkpoint saved to" in out
+    assert (tmp_path / "iter_1").is_dir()
