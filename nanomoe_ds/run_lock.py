@@ -44,6 +44,7 @@ class RunLock:
 
     def __init__(self, fd: int, path: Path):
         self.fd, self.path = fd, path
+        self.text = ""  # what acquire wrote into the file
 
     @classmethod
     def acquire(cls, out_dir: str) -> "RunLock":
@@ -83,14 +84,16 @@ class RunLock:
                 e = OSError(errno.ENOLCK, f"cannot lock it ({e.strerror})", str(path))
             raise ConfigError(f"out_dir '{out_dir}' cannot hold the run's lock: {launch_env.os_error_line(e)}") \
                 from None
+        text = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode(),
-                      0)
+            os.pwrite(fd, text.encode(), 0)
         except OSError as e:  # a full disk: name the file (a write through a descriptor does not)
             os.close(fd)
             raise OSError(e.errno, e.strerror, str(path)) from None
-        return cls(fd, path)
+        lock = cls(fd, path)
+        lock.text = text  # what every rank must read there if out_dir is shared (shared_out_dir_problem)
+        return lock
 
     def release(self):
         if self.fd >= 0:
@@ -99,6 +102,23 @@ class RunLock:
         for key, lock in list(_HELD.items()):
             if lock is self:
                 del _HELD[key]
+
+
+def shared_out_dir_problem(out_dir: str, lock_text: str, rank: int) -> str | None:
+    """None if this rank sees rank 0's lock file, as written, in out_dir; else one line saying what is wrong.
+
+    Every rank writes its shard into out_dir and rank 0 commits them: a directory local to each
+    node would leave each checkpoint scattered over nodes (found only at the first save).
+    """
+    try:
+        seen = (Path(out_dir) / LOCK_NAME).read_text()
+    except OSError:
+        seen = None
+    if seen == lock_text:
+        return None
+    return (f"rank {rank} does not see the run lock rank 0 wrote in out_dir '{out_dir}': out_dir is not shared "
+            "between this rank's node and rank 0's; a multi-node run needs an out_dir on a file system every "
+            "node mounts (NFS, Lustre, ...)")
 
 
 def ensure_held(out_dir: str):

@@ -261,20 +261,35 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     asked = f"init_from={t.init_from}" + (f" (over the checkpoint in {t.out_dir})" if t.init_from == "auto" else "")
     locks = []
 
-    def lock_and_choose() -> tuple[str, int]:
+    def lock_and_choose() -> tuple[str, int, str | None]:
         if not t.eval_only:  # one writer per out_dir; released by the kernel however this process ends
             locks.append(run_lock.RunLock.acquire(t.out_dir))
-        return choose_start(t)
+        return *choose_start(t), locks[0].text if locks else None
     try:
         # Rank 0 decides where every rank starts: ranks that each looked for the newest checkpoint
         # could see different ones (a save being finished, a file system's stale directory cache).
-        t.init_from, iteration = rank0_decides(lock_and_choose, rank)
+        t.init_from, iteration, lock_text = rank0_decides(lock_and_choose, rank)
+        if lock_text is not None:
+            check_out_dir_shared(t.out_dir, lock_text, rank)
         if t.init_from == "resume":
             t.resume_iter = iteration
         return set_up_and_run(m, t, data_dir, rank, engine_factory, given, asked, iteration)
     finally:
         for lock in locks:
             lock.release()
+
+
+def check_out_dir_shared(out_dir: str, lock_text: str, rank: int):
+    """Every rank reads the lock file rank 0 just wrote; any that can't stops every rank in one line, before
+    training (not an eval_interval later, at the first save)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, run_lock.shared_out_dir_problem(out_dir, lock_text, rank))
+    first = next((problem for problem in problems if problem is not None), None)
+    if first is not None:
+        raise ConfigError(first)
 
 
 def choose_start(t: TrainConfig) -> tuple[str, int]:

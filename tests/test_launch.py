@@ -294,3 +294,25 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_it(char_data, tmp_path):
     assert r.stderr == (f"error: the rendezvous port {port} on 127.0.0.1 is in use (a previous job's ranks still "
                         "exiting, or another job on this node); choose another with the launcher's --master_port=N "
                         "(torchrun: --master-port, or set MASTER_PORT)\n"), r.stderr[-2000:]
+
+
+def test_an_out_dir_local_to_one_node_is_one_line_before_training(char_data, tmp_path):
+    """Rank 1 runs in a mount namespace of its own with a tmpfs over out_dir: a directory of the same name
+    that is not rank 0's, as on a node where out_dir is local. Every rank stops in one line at start-up."""
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["--deepspeed_config", ds_json(tmp_path, "zero2"), *tiny_args(char_data, out)]
+    port = free_port()
+    train = [sys.executable, str(REPO / "launch/train.py"), *argv]
+    rank1 = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
+             f"mount -t tmpfs tmpfs {out} && exec \"$@\"", "node-local", *train]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_PORT=port))
+             for r, cmd in enumerate([train, rank1])]
+    results = [p.communicate(timeout=120) for p in procs]
+    line = (f"rank 1 does not see the run lock rank 0 wrote in out_dir '{out}': out_dir is not shared between this "
+            "rank's node and rank 0's; a multi-node run needs an out_dir on a file system every node mounts")
+    for r, (p, (_, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 2, err[-2000:]
+        assert err.startswith(f"error: rank {r}: {line}") and err.count("\n") == 1, err[-2000:]
+    assert not (out / "metrics.jsonl").exists()
