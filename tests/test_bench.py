@@ -32,6 +32,8 @@ def test_bench_engine_reports_the_stage_that_ran():
     assert saved[1] < saved[0] / 2  # activation checkpointing keeps less for backward
     assert [row[1] for row in throughput] == ["plain", "zero2", "zero2-kept", "plain-ac"]
     assert all(float(row[2]) > 0 and row[3] == "n/a" for row in throughput)  # tokens/s; no CPU peak for MFU
+    guard = re.search(r"replica check, moe-10x2: ([\d.]+) ms to fingerprint every weight = ([\d.]+) of a plain step", out)
+    assert guard and float(guard.group(1)) > 0, out
 
 
 def test_bench_step_times_every_variant():

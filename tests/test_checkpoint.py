@@ -306,7 +306,7 @@ def test_resume_iter_names_a_committed_checkpoint(char_data, tmp_path):
     train(model_cfg, train_cfg)
     with pytest.raises(ConfigError, match=r"^.* has no committed checkpoint iter_5 \(committed iterations: 3\)$"):
         train(*from_argv(tiny_args(char_data, tmp_path, init_from="resume", resume_iter=5)))
-    with pytest.raises(ConfigError, match="^resume_iter=3 picks a checkpoint to resume; it needs --init_from=resume$"):
+    with pytest.raises(ConfigError, match="^resume_iter=3 picks a checkpoint to resume once; it needs --init_from=resume$"):
         from_argv(tiny_args(char_data, tmp_path, resume_iter=3))
 
 

@@ -8,7 +8,8 @@ one process as a single rank (RANK=0, WORLD_SIZE=1, gloo or NCCL). Suffixes:
             DeepSpeed's ZeRO machinery itself, which the default replaces with ZeRO-0 there;
   -unfused  the JSON's optimizer with "fused": false (DeepSpeed's torch AdamW default);
   -ac       --activation_checkpointing=True (any variant, e.g. plain-ac, zero2-ac);
-  -check    --check_grad_order=True: the reduction-order guard's cost per step (zero2-kept-check).
+  -check    --check_grad_order=True: the reduction-order guard's cost per step (zero2-kept-check);
+  -unordered  without grad_order.py's fixed reduction order, to measure what it costs (zero2-kept-unordered).
 Each step is the trainer's own train_step over one fixed micro-batch. Steps of all variants
 are interleaved (one step of each per round, rotating the order) and the median of the
 timed rounds is reported with its ratio to `plain` of the same model, next to what autograd
@@ -87,7 +88,14 @@ def build(model: str, variant: str, args, overrides: list[str], tmp: str):
         argv.append("--check_grad_order=True")
     model_cfg, train_cfg = from_argv(argv)
     factory = make_engine_factory(model_cfg, train_cfg)
-    return factory(seeded_model(model_cfg, train_cfg), train_cfg)
+    if "unordered" not in options:
+        return factory(seeded_model(model_cfg, train_cfg), train_cfg)
+    from nanomoe_ds import grad_order
+    install, grad_order.install = grad_order.install, lambda *args: None
+    try:
+        return factory(seeded_model(model_cfg, train_cfg), train_cfg)
+    finally:
+        grad_order.install = install
 
 
 def seeded_model(model_cfg, train_cfg) -> GPT:
