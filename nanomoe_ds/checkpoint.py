@@ -423,12 +423,7 @@ class Checkpoint:
 
     def fallback(self) -> str:
         """What to do when this checkpoint is unreadable: the previous one, if there is one."""
-        out_dir = self.directory.parent
-        older = [it for it, _ in committed(out_dir) if it < self.meta["iter_num"]]
-        if older:
-            return (f"the previous checkpoint iter_{older[-1]} is still there: resume from it with "
-                    f"--init_from=resume --resume_iter={older[-1]}")
-        return "no earlier checkpoint is left in this out_dir: restore the file from a copy, or start again"
+        return fallback_advice(self.directory, self.meta.get("iter_num"))
 
     def model_state(self, model: GPT) -> dict:
         """Whole fp32 tensors for every entry of `model`'s state_dict that the checkpoint holds (tied names too)."""
@@ -501,8 +496,9 @@ def open_checkpoint(out_dir: str, iteration: int = -1) -> Checkpoint:
         ckpt = Checkpoint(directory, meta)
         sizes = {name: int(info["bytes"]) for name, info in meta["files"].items()}
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # parses, but the wrong shape
+        iteration = meta.get("iter_num") if isinstance(meta, dict) else None
         raise CheckpointError(f"{directory / METADATA} is inconsistent ({type(e).__name__}: {e}); "
-                              f"{ckpt_fallback(directory, meta)}") from None
+                              f"{fallback_advice(directory, iteration)}") from None
     for name, expected in sizes.items():  # a truncated file can hide behind records that still verify
         try:
             size = (directory / name).stat().st_size
@@ -514,13 +510,13 @@ def open_checkpoint(out_dir: str, iteration: int = -1) -> Checkpoint:
     return ckpt
 
 
-def ckpt_fallback(directory: Path, meta) -> str:
-    """Checkpoint.fallback for a checkpoint whose metadata could not be used."""
-    iteration = meta.get("iter_num") if isinstance(meta, dict) else None
+def fallback_advice(directory: Path, iteration) -> str:
+    """What to do when the checkpoint in `directory` (of `iteration`, if known) is unreadable: the previous one."""
     older = [it for it, _ in committed(directory.parent) if isinstance(iteration, int) and it < iteration]
     if older:
-        return f"resume from an older one with --init_from=resume --resume_iter={older[-1]}"
-    return "resume from an older iter_N with --resume_iter"
+        return (f"the previous checkpoint iter_{older[-1]} is still there: resume from it with "
+                f"--init_from=resume --resume_iter={older[-1]}")
+    return "no earlier checkpoint is left in this out_dir: restore the file from a copy, or start again"
 
 
 # ---------------------------------------------------------------- whole models (sampling, export, init_from)

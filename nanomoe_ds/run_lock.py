@@ -42,9 +42,9 @@ _HELD: dict[str, "RunLock"] = {}  # out_dir (its real path) -> this process's lo
 class RunLock:
     """Held from `acquire` until `release` or the end of the process."""
 
-    def __init__(self, fd: int, path: Path):
+    def __init__(self, fd: int, path: Path, text: str):
         self.fd, self.path = fd, path
-        self.text = ""  # what acquire wrote into the file
+        self.text = text  # what acquire wrote there: every rank must read the same if out_dir is shared
 
     @classmethod
     def acquire(cls, out_dir: str) -> "RunLock":
@@ -91,9 +91,7 @@ class RunLock:
         except OSError as e:  # a full disk: name the file (a write through a descriptor does not)
             os.close(fd)
             raise OSError(e.errno, e.strerror, str(path)) from None
-        lock = cls(fd, path)
-        lock.text = text  # what every rank must read there if out_dir is shared (shared_out_dir_problem)
-        return lock
+        return cls(fd, path, text)
 
     def release(self):
         if self.fd >= 0:
@@ -102,6 +100,13 @@ class RunLock:
         for key, lock in list(_HELD.items()):
             if lock is self:
                 del _HELD[key]
+
+
+def release(out_dir: str):
+    """Release this process's lock on out_dir, whichever it holds now (ensure_held may have taken a new one)."""
+    lock = _HELD.get(os.path.realpath(out_dir))
+    if lock is not None:
+        lock.release()
 
 
 def shared_out_dir_problem(out_dir: str, lock_text: str, rank: int) -> str | None:

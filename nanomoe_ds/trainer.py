@@ -259,12 +259,12 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     if not t.eval_only:
         checkpoint.check_writable(t.out_dir, rank)  # every rank: each writes its own shard there
     asked = f"init_from={t.init_from}" + (f" (over the checkpoint in {t.out_dir})" if t.init_from == "auto" else "")
-    locks = []
 
     def lock_and_choose() -> tuple[str, int, str | None]:
-        if not t.eval_only:  # one writer per out_dir; released by the kernel however this process ends
-            locks.append(run_lock.RunLock.acquire(t.out_dir))
-        return *choose_start(t), locks[0].text if locks else None
+        if t.eval_only:  # a reader: no lock
+            return *choose_start(t), None
+        lock = run_lock.RunLock.acquire(t.out_dir)  # one writer per out_dir; the kernel frees it however we end
+        return *choose_start(t), lock.text
     try:
         # Rank 0 decides where every rank starts: ranks that each looked for the newest checkpoint
         # could see different ones (a save being finished, a file system's stale directory cache).
@@ -275,8 +275,7 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
             t.resume_iter = iteration
         return set_up_and_run(m, t, data_dir, rank, engine_factory, given, asked, iteration)
     finally:
-        for lock in locks:
-            lock.release()
+        run_lock.release(t.out_dir)
 
 
 def check_out_dir_shared(out_dir: str, lock_text: str, rank: int):

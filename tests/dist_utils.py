@@ -100,6 +100,11 @@ def spawn_ranks(body, args: tuple, nprocs: int, timeout: float = 240):
                 p.kill()
 
 
+def as_launched(rank: int, world: int):
+    """Give a spawned rank the variables a launcher sets, for code that reads them (the trainer, DeepSpeed)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+
+
 def _gloo_rank(rank: int, world: int, port: int, body, args: tuple):
     """One spawned rank: join the gloo group, run the body, end without gloo's exit-time abort (PyTorch #190489)."""
     import traceback

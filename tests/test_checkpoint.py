@@ -280,8 +280,8 @@ def test_metadata_of_the_wrong_shape_is_corrupt_not_a_traceback(char_data, tmp_p
     meta.pop("crc32")
     meta["files"] = "shard_00000.bin"
     path.write_bytes(json.dumps({**meta, "crc32": zlib.crc32(checkpoint._canonical(meta))}).encode())
-    with pytest.raises(checkpoint.CheckpointError, match=r"metadata.json is inconsistent \(AttributeError: .*"
-                                                         r"resume from an older iter_N with --resume_iter$"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"metadata.json is inconsistent \(AttributeError: .*; "
+                                                         r"no earlier checkpoint is left in this out_dir"):
         checkpoint.open_checkpoint(str(tmp_path))
 
 

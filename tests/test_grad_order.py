@@ -8,14 +8,13 @@ loss, gradient norm and expert weight to one device's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import read_checkpoint, tiny_args
-from dist_utils import ds_json, spawn_ranks, train_rows
+from dist_utils import as_launched, ds_json, spawn_ranks, train_rows
 
 from nanomoe_ds import grad_order
 from nanomoe_ds.config import from_argv
@@ -103,7 +102,7 @@ def record_kernels(path):
 
 def ds_rank(rank, world, argv, case, out):
     from nanomoe_ds.deepspeed_integration import make_engine_factory
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    as_launched(rank, world)
     if case == "flip":
         record_kernels(f"{out}/kernels.{rank}.json")
     m, t = from_argv(argv)
@@ -176,7 +175,7 @@ def test_replicated_experts_match_one_device(char_data, tmp_path, case, world, e
 def unordered_rank(rank, world, argv, out):
     """A rank whose reduction takes gradients as backward makes them (the ordering switched off)."""
     from nanomoe_ds import deepspeed_integration
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    as_launched(rank, world)
 
     def arrive(self, param, *args):
         self._held[self.position[id(param)]] = (param, *args)

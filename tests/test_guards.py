@@ -1,14 +1,13 @@
 """The replica guard (guards.py): fingerprints in process, and a perturbed replica on real gloo ranks."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_args
-from dist_utils import ds_json, spawn_ranks, train_rows
+from dist_utils import as_launched, ds_json, spawn_ranks, train_rows
 
 from nanomoe_ds import guards
 from nanomoe_ds.config import from_argv
@@ -35,7 +34,7 @@ def test_fingerprint_in_chunks_equals_one_pass(monkeypatch):
 def perturbed_rank(rank, world, argv, out, target):
     """Rank 1 changes one weight of its copy right after the engine is built; the others do not."""
     from nanomoe_ds import deepspeed_integration
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    as_launched(rank, world)
     make = deepspeed_integration.make_engine_factory
 
     def make_perturbing(m, t):
@@ -69,7 +68,7 @@ def test_a_replica_that_differs_stops_every_rank_and_saves_nothing(char_data, tm
 
 def healthy_rank(rank, world, argv, out):
     from nanomoe_ds import deepspeed_integration
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    as_launched(rank, world)
     calls = []
     check = guards.check
 
