@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .config import CKPT_NAME, ConfigError, GPTConfig, init_source
+from .launch_env import errno_advice
 from .model import GPT
 
 METADATA = "metadata.json"
@@ -94,33 +95,14 @@ def describe(topo: dict) -> str:
     return f"{topo['engine']} world {topo['world_size']}, ep_size {topo['ep_size']}{stage}, {topo['dtype']}"
 
 
-# Model keys that fix the parameters' shapes, and the MLP nonlinearity the weights were trained
-# with: on resume they follow the checkpoint. The others (dropout, aux-loss weights, capacity,
-# kernel, ...) follow the command line.
-SHAPE_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "use_moe", "num_experts",
-              "moe_every", "num_shared_experts", "expert_hidden", "expert_act", "activation")
-
-
-def resume_model_config(saved_args: dict, model_cfg: GPTConfig, given: set[str],
-                        asked: str = "init_from=resume") -> GPTConfig:
-    """The model config to resume with: shape keys from the checkpoint, refusing any that was given otherwise.
-    `asked` names what asked for the resume, for the refusal."""
-    saved_args = {"activation": "gelu", **saved_args}  # saved before the key existed: exact GELU
-    differ = [k for k in SHAPE_KEYS if k in given and getattr(model_cfg, k) != saved_args[k]]
-    if differ:
-        listed = ", ".join(f"{k}={getattr(model_cfg, k)} (checkpoint: {saved_args[k]})" for k in differ)
-        raise ConfigError(f"{asked}: {listed} contradict the checkpoint's model; drop them to resume, "
-                          "or train a new model in another out_dir")
-    return GPTConfig(**{**vars(model_cfg), **{k: saved_args[k] for k in SHAPE_KEYS}})
-
-
 # ---------------------------------------------------------------- writing
-def _disk_error(path: Path, error: OSError, needed: int | None = None) -> str:
-    """One line for a failed write: which file, why, how much it needed."""
+def _disk_error(path: Path, error: OSError, needed: int | None = None) -> dict:
+    """A failed write, as save() passes it between ranks: one line (which file, why, how much it needed)
+    and the errno, which picks the advice (launch_env.errno_advice)."""
     why = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system"}.get(error.errno, error.strerror or str(error))
     size = f" (this rank's share needs {needed / 2**20:.1f} MiB)" if needed else ""
-    return f"{path}: {why}{size}"
+    return {"error": f"{path}: {why}{size}", "errno": error.errno}
 
 
 def write_shard(directory: Path, rank: int, pieces) -> dict:
@@ -129,7 +111,7 @@ def write_shard(directory: Path, rank: int, pieces) -> dict:
     `pieces` yields (tensor key, offset into the flattened whole tensor, 1-D tensor); each
     is written in records of at most RECORD_BYTES, copied to the host one record at a time.
     Returns {"records": [[key, offset, numel, file, position, crc32], ...], "files": {...}}
-    or {"error": one line} when the disk refused (the caller aborts the save on every rank).
+    or _disk_error's answer when the disk refused (the caller aborts the save on every rank).
     """
     shard = directory / f"shard_{rank:05d}.bin"
     records, position, needed = [], 0, None
@@ -156,7 +138,7 @@ def write_shard(directory: Path, rank: int, pieces) -> dict:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        return {"error": _disk_error(Path(e.filename) if e.filename else shard, e, needed)}
+        return _disk_error(Path(e.filename) if e.filename else shard, e, needed)
     except Exception as e:  # not the disk: still an answer, or rank 0 would wait for this rank in the gather
         traceback.print_exc()  # a bug: where it happened matters more than one line
         return {"error": f"rank {rank}: {type(e).__name__}: {e}", "bug": True}
@@ -181,7 +163,7 @@ def staging_dir(out_dir: str, iter_num: int) -> Path:
     return Path(out_dir) / f"iter_{iter_num}.partial"
 
 
-def prepare_staging(out_dir: str, iter_num: int) -> str | None:
+def prepare_staging(out_dir: str, iter_num: int) -> dict | None:
     """Rank 0, before a save: an empty staging directory (a killed save's leftovers removed); or a disk error."""
     staging = staging_dir(out_dir, iter_num)
     try:
@@ -254,6 +236,16 @@ def _install(out_dir: str, iter_num: int):
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def set_aside(out_dir: str, iter_num: int) -> Path:
+    """Rank 0, holding the lock: move a committed checkpoint that fails to verify out of committed()'s
+    sight, as iter_N.corrupt, for a person to inspect (nothing deletes it)."""
+    path = Path(out_dir) / f"iter_{iter_num}"
+    aside = _free_name(path.with_name(path.name + ".corrupt"))
+    os.replace(path, aside)
+    _fsync_dir(Path(out_dir))
+    return aside
+
+
 def _free_name(path: Path) -> Path:
     """`path`, or `path.2`, `path.3`, ... : the first name not taken."""
     candidate, n = path, 1
@@ -263,13 +255,13 @@ def _free_name(path: Path) -> Path:
     return candidate
 
 
-def commit(out_dir: str, iter_num: int, meta: dict, keep_last: int) -> str | None:
+def commit(out_dir: str, iter_num: int, meta: dict, keep_last: int) -> dict | None:
     """Rank 0, after every rank wrote its shard: write the metadata into iter_N.partial, then install it.
 
     The metadata's atomic write is the commit point: a staging directory that holds it is
     complete (its shards were on disk before it was written), so a kill before the rename
-    is finished by the next resume (recover_partial_saves). Returns None, or one line when
-    the disk refused (the previous checkpoint is untouched).
+    is finished by the next resume (recover_partial_saves). Returns None, or _disk_error's
+    answer when the disk refused (the previous checkpoint is untouched).
     """
     check_index(meta)
     staging = staging_dir(out_dir, iter_num)
@@ -341,7 +333,7 @@ def check_writable(out_dir: str, rank: int):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"out_dir '{out_dir}' is not writable ({_disk_error(Path(out_dir), e).split(': ', 1)[1]}): "
+        raise ConfigError(f"out_dir '{out_dir}' is not writable ({_disk_error(Path(out_dir), e)['error'].split(': ', 1)[1]}): "
                           "checkpoints and metrics go there; choose another --out_dir") from None
 
 
@@ -556,29 +548,28 @@ def save(out_dir: str, meta: dict, pieces, rank: int, keep_last: int, collective
     checkpoint as it was and no staging directory behind.
     """
     iter_num = meta["iter_num"]
-    bug = False  # an error that is not the disk's: the advice differs
-    error = collectives.broadcast(prepare_staging(out_dir, iter_num) if rank == 0 else None)
-    if error is None:
+    # failure: {"error": one line, and "errno" (the disk's) or "bug" (anything else)}, the same on every rank
+    failure = collectives.broadcast(prepare_staging(out_dir, iter_num) if rank == 0 else None)
+    if failure is None:
         parts = collectives.gather(write_shard(staging_dir(out_dir, iter_num), rank, pieces))
         if rank == 0:
-            failed = next((part for part in parts if "error" in part), None)
-            if failed is None:
+            failure = next((part for part in parts if "error" in part), None)
+            if failure is None:
                 index = {"format": FORMAT_VERSION, **meta, "records": [r for part in parts for r in part["records"]],
                          "files": {k: v for part in parts for k, v in part["files"].items()}}
                 try:
-                    error = commit(out_dir, iter_num, index, keep_last)
+                    failure = commit(out_dir, iter_num, index, keep_last)
                 except Exception as e:  # not a disk error (e.g. check_index): still tell the other ranks
                     traceback.print_exc()
                     shutil.rmtree(staging_dir(out_dir, iter_num), ignore_errors=True)
-                    error, bug = f"{type(e).__name__}: {e}", True
+                    failure = {"error": f"{type(e).__name__}: {e}", "bug": True}
             else:
                 shutil.rmtree(staging_dir(out_dir, iter_num), ignore_errors=True)
-                error, bug = failed["error"], failed.get("bug", False)
-        error, bug = collectives.broadcast((error, bug))
-    if error is not None:
+        failure = collectives.broadcast(failure)
+    if failure is not None:
         last = committed(out_dir)
         kept = f"the last committed checkpoint, {last[-1][1].name}, is intact" if last else "no checkpoint was committed"
         advice = ("this is a bug, not the disk (its traceback is above): please report it"
-                  if bug else "free space or choose another --out_dir")
-        raise CheckpointError(f"cannot save the checkpoint of iteration {iter_num}: {error}; {kept}; {advice}, "
-                              "then continue with --init_from=resume")
+                  if failure.get("bug") else errno_advice(failure.get("errno")))
+        raise CheckpointError(f"cannot save the checkpoint of iteration {iter_num}: {failure['error']}; {kept}; "
+                              f"{advice}, then continue with --init_from=resume")

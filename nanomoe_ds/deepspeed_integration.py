@@ -12,6 +12,7 @@ parameters. The README's "Distributed training" section says what this means for
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib
 import os
@@ -83,10 +84,11 @@ def adopt_moe_(model: GPT, ep_size: int):
 class DeepSpeedEngine:
     """The trainer's engine interface over a DeepSpeed engine."""
 
-    def __init__(self, engine, t: TrainConfig, clip_ourselves: bool,
+    def __init__(self, engine, t: TrainConfig, micro_batches: int, clip_ourselves: bool,
                  ordering: grad_order.CanonicalReduction | None = None):
         self.engine, self.module, self.t = engine, engine.module, t
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.micro_batches = micro_batches  # global micro-batches per step (data.fit_accumulation)
         self.device = str(engine.device)
         self.compute_dtype = (torch.bfloat16 if engine.bfloat16_enabled() else
                               torch.float16 if engine.fp16_enabled() else torch.float32)
@@ -226,18 +228,45 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
                           "(a previous job's ranks still exiting, or another job on this node); choose another "
                           "with the launcher's --master_port=N (torchrun: --master-port, or set MASTER_PORT)") from None
     world = dist.get_world_size()
-    t.gradient_accumulation_steps, changed = fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)
-    if changed and dist.get_rank() == 0:
-        print(changed, flush=True)
     t.ep_size, fitted = fit_ep_size(t.ep_size, world, m.num_experts)  # e.g. an elastic restart on fewer ranks
     if fitted and dist.get_rank() == 0:
         print(fitted, flush=True)
+    reconcile_for(ds_cfg, m, t, world)  # refuse a contradiction now, before the model is built
+
+    def factory(model: GPT, train_cfg: TrainConfig) -> DeepSpeedEngine:
+        # train_cfg, not t: a resume may have taken the run's batch and seed from its checkpoint (resume.py)
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        micro_batches, changed = fit_accumulation(train_cfg.gradient_accumulation_steps, world, train_cfg.batch_size)
+        if changed and dist.get_rank() == 0:
+            print(changed, flush=True)
+        final_cfg, clip_ourselves = reconcile_for(ds_cfg, model.config, train_cfg, world, say=True)
+        if model.config.use_moe:
+            adopt_moe_(model, train_cfg.ep_size)
+        groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(train_cfg.weight_decay))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=final_cfg)
+        undo_initial_step_(engine.optimizer)
+        ordering = grad_order.install(engine, model, train_cfg.check_grad_order)
+        if world == 1 and engine.zero_optimization_stage() == 0:
+            # A sum over one rank: skip DeepSpeed's flatten-reduce-unflatten pass over every gradient.
+            engine.enable_backward_allreduce = False
+        if train_cfg.compile:  # torch.compile of the module in place (nn.Module.compile): parameter names stay
+            engine.compile()
+        return DeepSpeedEngine(engine, train_cfg, micro_batches, clip_ourselves, ordering)
+
+    return factory
+
+
+def reconcile_for(ds_cfg: dict, m: GPTConfig, t: TrainConfig, world: int, say: bool = False) -> tuple[dict, bool]:
+    """The DeepSpeed config these ranks run (ds_config.reconcile), and whether the trainer clips itself.
+    `t.gradient_accumulation_steps` is the request, fitted here to `world`; `say` prints rank 0's notes."""
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
+    t = dataclasses.replace(t, gradient_accumulation_steps=fit_accumulation(t.gradient_accumulation_steps, world,
+                                                                            t.batch_size)[0])
     ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
     if t.zero_single_rank_as_stage0:
         ds_cfg, note = drop_idle_zero(ds_cfg, world)
-        if note and dist.get_rank() == 0:
+        if note and say and dist.get_rank() == 0:
             print(note, flush=True)
     # ZeRO-0 computes the norm wrongly with experts (#8475), and in fp32 (a plain torch optimizer)
     # it clips without reporting the norm: the trainer clips there itself. (Not under fp16: its
@@ -246,23 +275,7 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     clip_ourselves = zero0 and (m.use_moe or json_dtype(ds_cfg) == "float32")
     if clip_ourselves:
         ds_cfg["gradient_clipping"] = 0.0
-
-    def factory(model: GPT, _t: TrainConfig) -> DeepSpeedEngine:
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-        if m.use_moe:
-            adopt_moe_(model, t.ep_size)
-        groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(t.weight_decay))
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
-        undo_initial_step_(engine.optimizer)
-        ordering = grad_order.install(engine, model, t.check_grad_order)
-        if world == 1 and engine.zero_optimization_stage() == 0:
-            # A sum over one rank: skip DeepSpeed's flatten-reduce-unflatten pass over every gradient.
-            engine.enable_backward_allreduce = False
-        if t.compile:  # torch.compile of the module in place (nn.Module.compile): parameter names stay as they are
-            engine.compile()
-        return DeepSpeedEngine(engine, t, clip_ourselves, ordering)
-
-    return factory
+    return ds_cfg, clip_ourselves
 
 
 def set_group_timeout(timeout: datetime.timedelta):

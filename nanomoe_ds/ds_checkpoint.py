@@ -299,12 +299,12 @@ def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
     # Every rank learns whether all ranks read their share: one rank's corrupt record stops them all now.
     failed = torch.tensor([float(failure is not None)], device=engine.device)  # NCCL reduces GPU tensors only
     dist.all_reduce(failed)
+    if zero3:  # also after a failed read: a fallback to an older checkpoint starts from a consistent engine
+        engine.optimizer.checkpoint_event_epilogue()
     if failure is not None:
         raise failure
     if failed.item():
         raise checkpoint.CheckpointError(f"another rank could not read {ckpt.directory} (its error says why)")
-    if zero3:
-        engine.optimizer.checkpoint_event_epilogue()
     saved = ckpt.meta["topology"]
     how = "same topology" if saved == topology else f"resharded from {checkpoint.describe(saved)}"
     return f"resuming iteration {ckpt.meta['iter_num']} from {ckpt.directory} ({how})"

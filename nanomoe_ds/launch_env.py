@@ -101,11 +101,10 @@ def run_script(main, argv: list[str]):
         sys.exit(2)
 
 
-def os_error_line(error: OSError) -> str:
-    """One line for a failed file operation: the path, what the system said, and what to do about it."""
+def errno_advice(number: int | None) -> str:
+    """What to do about a failed file operation in out_dir, by its errno."""
     import errno
-    where = f"{error.filename}: " if error.filename else ""
-    advice = {
+    return {
         errno.ENOSPC: "free space or choose another --out_dir",
         errno.EDQUOT: "free space within your quota or choose another --out_dir",
         errno.EROFS: "the file system is read-only: choose a writable --out_dir",
@@ -114,7 +113,15 @@ def os_error_line(error: OSError) -> str:
         errno.ENOENT: "it is not there on this node: a multi-node run needs an out_dir that every node shares",
         errno.ENOLCK: "this file system does not support file locks (flock): mount Lustre with -o flock, run NFS "
                       "with its lock manager, or put out_dir on a file system that locks",
-    }.get(error.errno, "check the path and the file system, then start again with --init_from=auto")
+    }.get(number, "check the path and the file system")
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for a failed file operation: the path, what the system said, and what to do about it."""
+    where = f"{error.filename}: " if error.filename else ""
+    advice = errno_advice(error.errno)
+    if advice == errno_advice(None):
+        advice += ", then start again with --init_from=auto"
     return f"{where}{error.strerror or error}; {advice}"
 
 

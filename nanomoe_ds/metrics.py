@@ -149,13 +149,39 @@ class JsonlSink:
     def __init__(self, out_dir: str):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        # A previous run's last line cut by a full disk: end it, so this run's first record is a line of its own.
+        self.cut = _ends_mid_line(self.path)
 
     def log(self, record: dict):
         with open(self.path, "a") as f:  # open per record: the file is complete whenever the run stops
-            f.write(json.dumps(record) + "\n")
+            f.write(("\n" if self.cut else "") + json.dumps(record) + "\n")
+        self.cut = False
 
     def close(self, failed: bool):
         pass
+
+
+def _ends_mid_line(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # no file yet
+        return False
+
+
+def records(lines) -> list[dict]:
+    """The records of metrics.jsonl's lines, without a line cut by a kill or a full disk."""
+    found = []
+    for line in lines:
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
 
 
 class WandbSink:
@@ -270,12 +296,8 @@ def last_record(out_dir: str) -> tuple[dict | None, float | None]:
             written = os.fstat(f.fileno()).st_mtime
     except OSError:
         return None, None
-    for line in reversed(lines):
-        try:
-            return json.loads(line), written
-        except ValueError:  # a line cut by a kill mid-write
-            continue
-    return None, written
+    found = records(lines)  # without a last line cut by a kill mid-write
+    return (found[-1] if found else None), written
 
 
 def resume_record(out_dir: str, iter_num: int, saved: dict, now: dict) -> dict:
@@ -315,7 +337,7 @@ def read_run(out_dir: str) -> tuple[list[dict], list[dict]]:
         raise ConfigError(f"no metrics.jsonl in {out_dir}; train first or check --out_dir")
     train, evals = {}, {}
     with open(path) as f:
-        for record in map(json.loads, f):
+        for record in records(f):
             if "event" not in record:  # a restart's record (resume_record) is neither
                 (train if "loss" in record else evals)[record["iter"]] = record
     return [train[i] for i in sorted(train)], [evals[i] for i in sorted(evals)]

@@ -12,13 +12,14 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 from torch.profiler import record_function
 
-from . import checkpoint, launch_env, metrics, precision, profiling, run_lock
+from . import checkpoint, launch_env, metrics, precision, profiling, resume, run_lock
+from .consensus import rank0_decides
 from .activation_checkpoint import checkpoint_blocks_
 from .config import ConfigError, GPTConfig, TrainConfig, init_source, is_run_dir, resolve_init_from, to_dict
 from .data import Batches, check_data, check_tokens_fit, choose_vocab, load_meta, resolve_data_dir, shard
@@ -33,6 +34,7 @@ class Engine(Protocol):
     module: GPT
     rank: int
     world_size: int
+    micro_batches: int  # global micro-batches per step: gradient_accumulation_steps fitted to the world size
     device: str
     compute_dtype: torch.dtype
 
@@ -107,14 +109,14 @@ class LocalEngine:
         self.scaler = torch.amp.GradScaler(kind, enabled=(dtype == torch.float16 and kind != "mps"))
         self.optimizer = model.configure_optimizers(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), kind)
         self.forward_module = torch.compile(model) if t.compile else model
-        self.grad_accum = t.gradient_accumulation_steps
+        self.micro_batches = t.gradient_accumulation_steps  # one rank: nothing to fit
 
     def forward(self, x, y):
         with self.ctx:
             return self.forward_module(x, y)
 
     def backward(self, loss):
-        self.scaler.scale(loss / self.grad_accum).backward()
+        self.scaler.scale(loss / self.micro_batches).backward()
 
     def step(self, lr: float) -> torch.Tensor | None:
         for g in self.optimizer.param_groups:
@@ -253,12 +255,12 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
     train losses (handy for tests).
     """
     metrics.check_sinks(t)
-    data_dir = resolve_data_dir(t.dataset, t.data_dir)
-    check_data(data_dir, m.block_size)
     rank = launch_env.process_rank(os.environ)
     if not t.eval_only:
         checkpoint.check_writable(t.out_dir, rank)  # every rank: each writes its own shard there
     asked = f"init_from={t.init_from}" + (f" (over the checkpoint in {t.out_dir})" if t.init_from == "auto" else "")
+    # A resume that names no --resume_iter may fall back past a checkpoint that fails to verify (resume.py).
+    may_fall_back = t.resume_iter == -1 and not t.eval_only  # a reader never moves anything
 
     def lock_and_choose() -> tuple[str, int, str | None]:
         if t.eval_only:  # a reader: no lock
@@ -273,7 +275,8 @@ def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = 
             check_out_dir_shared(t.out_dir, lock_text, rank)
         if t.init_from == "resume":
             t.resume_iter = iteration
-        return set_up_and_run(m, t, data_dir, rank, engine_factory, given, asked, iteration)
+        start = Start(rank, asked, iteration, may_fall_back, given)
+        return set_up_and_run(m, t, start, engine_factory)
     finally:
         run_lock.release(t.out_dir)
 
@@ -308,37 +311,29 @@ def choose_start(t: TrainConfig) -> tuple[str, int]:
     return init_from, iteration
 
 
-def rank0_decides(decide, rank: int):
-    """decide() on rank 0; its result, or its refusal, on every rank (one broadcast when there are several)."""
-    import torch.distributed as dist
-    outcome = None
-    if rank == 0:
-        try:
-            outcome = ("ok", decide())
-        except ConfigError as e:
-            outcome = ("error", str(e))
-        except OSError as e:  # the lock's write on a full disk, recovery in a read-only out_dir: every rank says so
-            outcome = ("error", launch_env.os_error_line(e))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":  # object collectives go through the current GPU: this rank's own
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0)
-        outcome = box[0]
-    if outcome[0] == "error":
-        raise ConfigError(outcome[1])
-    return outcome[1]
+@dataclass
+class Start:
+    """Where train() decided this process starts."""
+    rank: int
+    asked: str  # the init_from the user gave, for messages
+    iteration: int  # the checkpoint rank 0 chose: to resume, or in a source run
+    may_fall_back: bool  # past a resumed checkpoint that fails to verify
+    given: frozenset  # the keys the preset and the command line set (resume.reconcile)
 
 
-def set_up_and_run(m: GPTConfig, t: TrainConfig, data_dir, rank: int, engine_factory, given: frozenset,
-                   asked: str, source_iter: int = -1) -> dict:
-    """Model, engine, resume, loop. `asked` is the init_from the user gave, for messages; `source_iter`
-    the checkpoint rank 0 chose in a source run."""
-    ckpt = None
-    if t.init_from == "resume":  # the checkpoint's model shape wins, as in nanoGPT, unless given otherwise
-        ckpt = checkpoint.open_checkpoint(t.out_dir, t.resume_iter)  # the metadata; tensors are read by engine.load
-        m = checkpoint.resume_model_config(ckpt.meta["model_args"], m, given, asked)
-    model = build_model(m, t, source_iter)
+def set_up_and_run(m: GPTConfig, t: TrainConfig, start: Start, engine_factory) -> dict:
+    """Model, engine, resume, loop."""
+    ckpt, resumed, set_aside, rank = None, None, [], start.rank
+    if t.init_from == "resume":  # the run's identity follows the checkpoint (resume.py)
+        # the metadata; tensors are read by engine.load
+        ckpt = resume.open_to_resume(t.out_dir, t.resume_iter, start.may_fall_back, rank, set_aside)
+        resumed = resume.reconcile(ckpt.meta, m, t, start.given, start.asked)
+        m, t = resumed.model_cfg, resumed.train_cfg
+        for line in resumed.notes() if rank == 0 else []:
+            print(line, flush=True)
+    data_dir = resolve_data_dir(t.dataset, t.data_dir)
+    check_data(data_dir, m.block_size)
+    model = build_model(m, t, start.iteration)
     check_tokens_fit(data_dir, model.config.vocab_size)
     if m.block_size < model.config.block_size:
         model.crop_block_size(m.block_size)
@@ -355,13 +350,15 @@ def set_up_and_run(m: GPTConfig, t: TrainConfig, data_dir, rank: int, engine_fac
         engine = engine_factory(model, t)
     start_iter, best_val, train_s = 0, 1e9, 0.0
     if ckpt is not None:
-        state = engine.load(ckpt)
+        state, ckpt = resume.load_to_resume(engine, ckpt, start.may_fall_back, set_aside)
         start_iter, best_val = state["iter_num"], state["best_val_loss"]
         train_s = state.get("train_s", 0.0)  # absent from checkpoints written before it was recorded
     if engine.rank == 0:
         log = metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, start_iter))
         if ckpt is not None and not t.eval_only:
             record = metrics.resume_record(t.out_dir, start_iter, ckpt.meta["topology"], engine.topology())
+            record.update({k: v for k, v in (("followed", resumed.followed), ("changed", resumed.changed),
+                                             ("set_aside", set_aside)) if v})
             log.event(record, metrics.describe_resume(record))
     else:
         log = metrics.MetricsLog([], echo=False)
@@ -380,8 +377,8 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
              best_val: float, flops_per_token: int, peak_flops: float | None, train_s: float = 0.0) -> dict:
     """nanoGPT's loop over the engine: eval and checkpoint, step, guard, log; stop on a signal after a save."""
     model = engine.module
-    my_micro = shard(t.gradient_accumulation_steps, engine.rank, engine.world_size)
-    tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * model.config.block_size
+    my_micro = shard(engine.micro_batches, engine.rank, engine.world_size)
+    tokens_per_iter = engine.micro_batches * t.batch_size * model.config.block_size
     log.print(f"tokens per iteration: {tokens_per_iter:,}")
     tally = metrics.RoutingTally(model.moe_layers()) if t.log_moe_stats and model.moe_layers() else None
     result: dict = {"train_losses": []}
@@ -526,7 +523,7 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
     reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0), stop_flag]))
     norm = grad_norm.detach().double().view(1).to(device) if grad_norm is not None else reduced.new_zeros(1)
     host = to_host(torch.cat([reduced, norm]))
-    return host[:4] / t.gradient_accumulation_steps, None if grad_norm is None else float(host[5]), bool(host[4] > 0)
+    return host[:4] / engine.micro_batches, None if grad_norm is None else float(host[5]), bool(host[4] > 0)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -548,7 +545,7 @@ def log_step(engine: Engine, t: TrainConfig, log: metrics.MetricsLog, tally, ite
     if str(engine.device).startswith("cuda"):  # the high-water mark of this process's GPU allocations
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if tally is not None:
-        rec["moe"] = tally.reduce(engine.all_reduce, t.gradient_accumulation_steps, model.config.bias_update_rate > 0)
+        rec["moe"] = tally.reduce(engine.all_reduce, engine.micro_batches, model.config.bias_update_rate > 0)
     mfu_text = "n/a" if running_mfu is None else f"{running_mfu * 100:.2f}%"
     log(rec, f"iter {iter_num}: loss {rec['loss']:.4f}, time {dt * 1000:.2f}ms, "
              f"tok/s {rec['tokens_per_sec']:.0f}, mfu {mfu_text}")

@@ -200,3 +200,18 @@ def test_read_run_skips_restart_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     train_rows, evals = metrics.read_run(str(tmp_path))
     assert [r["loss"] for r in train_rows] == [2.1, 1.9] and evals == [lines[0]]
+
+
+def test_a_line_cut_by_a_full_disk_is_ended_and_skipped_by_readers(tmp_path):
+    """A run stopped mid-record (a full disk wrote part of a line): the next run's first record starts a line
+    of its own, and read_run and last_record skip the cut one."""
+    from nanomoe_ds.metrics import JsonlSink, last_record, read_run
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"iter": 0, "loss": 2.0}) + '\n{"iter": 1, "lo')
+    sink = JsonlSink(str(tmp_path))
+    sink.log({"iter": 1, "loss": 1.5})
+    sink.log({"iter": 2, "loss": 1.25})
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines()[1:] == [
+        '{"iter": 1, "lo', '{"iter": 1, "loss": 1.5}', '{"iter": 2, "loss": 1.25}']
+    train, _ = read_run(str(tmp_path))
+    assert [(r["iter"], r["loss"]) for r in train] == [(0, 2.0), (1, 1.5), (2, 1.25)]
+    assert last_record(str(tmp_path))[0] == {"iter": 2, "loss": 1.25}
