@@ -24,7 +24,11 @@ class Preemption:
 
     `install` sets them once per process: launch/train.py does so before its slow imports
     and start-up, so a signal then is kept, not fatal, and the run stops cleanly after its
-    first step (a requeue trap sees exit 0); the loop uses the same instance.
+    first step (a requeue trap sees exit 0); the loop uses the same instance. Each install
+    is paired with a `release`, except the entry script's: it keeps the handlers to the
+    process's end, so a signal during shut-down, after the run completed and saved, does
+    not kill it with the signal's status (in-process callers such as tests get their own
+    handlers back when the loop releases).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -34,6 +38,7 @@ class Preemption:
         self.requested: str | None = None
         self.received: dict[str, tuple[float, int]] = {}  # signal -> (first arrival, times received)
         self.previous = {}
+        self.users = 0  # installs not yet released
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
@@ -53,7 +58,14 @@ class Preemption:
         global _installed
         if _installed is None or not _installed.previous:
             _installed = cls()
+        _installed.users += 1
         return _installed
+
+    def release(self):
+        """One install done with: the handlers from before come back when no install holds them."""
+        self.users -= 1
+        if self.users <= 0:
+            self.restore()
 
     def restore(self):
         global _installed

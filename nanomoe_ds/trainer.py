@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch.profiler import record_function
@@ -391,7 +391,7 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
             lr = get_lr(iter_num, t)
             if replica_check_due(t, iter_num):  # before an eval's save can write diverged copies
                 engine.check_replicas(iter_num)
-            if iter_num % t.eval_interval == 0:
+            if iter_num % t.eval_interval == 0 or t.eval_only:  # eval_only: at any checkpoint, a stop's too
                 # may_save: not before this process has trained. A resumed run would otherwise save
                 # again the checkpoint it just loaded: wasted I/O, and a replace of iter_N/ itself.
                 best_val = evaluate_and_save(engine, batches, t, log, iter_num, best_val, tokens_per_iter, result,
@@ -404,7 +404,7 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
                 prof.start()
             step_t0 = time.time()
             losses, grad_norm, stop_requested = train_step(engine, batches, t, my_micro, iter_num, lr,
-                                                           preemption.requested is not None,
+                                                           lambda: preemption.requested is not None,
                                                            tally if logging else None)
             if t.profile and PROFILE_AFTER <= local_iter < PROFILE_AFTER + profiling.STEPS:
                 prof_ms += (time.time() - step_t0) * 1000
@@ -432,7 +432,7 @@ def run_loop(engine: Engine, batches: Batches, t: TrainConfig, log: metrics.Metr
                 result["stopped_by_signal"] = True
                 break
     finally:
-        preemption.restore()
+        preemption.release()
     return result
 
 
@@ -489,11 +489,12 @@ def restore(engine: Engine, out_dir: str, iteration: int = -1) -> dict:
 
 
 def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list[int], iter_num: int, lr: float,
-               stop_here: bool, tally) -> tuple[torch.Tensor, float | None, bool]:
+               stop_asked: Callable[[], bool], tally) -> tuple[torch.Tensor, float | None, bool]:
     """One optimizer step over this rank's micro-batches of the global batch.
 
     Returns the global mean (loss, ce, aux, z), the gradient norm, and whether any rank
-    was asked to stop: that flag rides in the all-reduce of the losses the step does
+    was asked to stop: stop_asked() is read after the update, so a signal during this step
+    stops after it, and the flag rides in the all-reduce of the losses the step does
     anyway, so every rank stops (and saves) at the same step boundary. All three reach
     the host in one copy (to_host).
     """
@@ -519,7 +520,7 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
         for layer, load in zip(layers, loads):
             layer.update_bias(model.config.bias_update_rate, load)
     device = parts[0].device
-    stop_flag = torch.tensor([float(stop_here)], dtype=torch.float64).to(device, non_blocking=True)
+    stop_flag = torch.tensor([float(stop_asked())], dtype=torch.float64).to(device, non_blocking=True)
     reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0), stop_flag]))
     norm = grad_norm.detach().double().view(1).to(device) if grad_norm is not None else reduced.new_zeros(1)
     host = to_host(torch.cat([reduced, norm]))

@@ -561,3 +561,14 @@ def test_a_complete_partial_beside_a_stale_directory_of_its_iteration_is_install
     checkpoint.recover_partial_saves(str(tmp_path))
     assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [3, 6]
     assert (tmp_path / "iter_6.stale").is_dir()
+
+
+def test_eval_only_evaluates_a_checkpoint_off_the_eval_interval(char_data, tmp_path):
+    """A stop's checkpoint (or one saved under another eval_interval) is not a multiple of eval_interval: an
+    eval-only run evaluated nothing there and exited 0."""
+    train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
+    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
+                                                                      eval_only=True, eval_interval=4)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 6: train loss" in r.stdout, r.stdout

@@ -168,6 +168,40 @@ def test_preemption_duplicates_wait_and_a_later_or_third_signal_stops_at_once(ag
         signal.signal(signal.SIGUSR1, original)
 
 
+def test_the_entry_scripts_handlers_outlive_the_loop():
+    """launch/train.py installs the handlers for the process's life; the loop installs and releases its own
+    use. Releasing the loop's must keep them: a signal while a completed run shuts down is not fatal."""
+    import signal
+    from nanomoe_ds.preemption import Preemption
+    original = signal.getsignal(signal.SIGTERM)
+    entry = Preemption.install()
+    try:
+        loop = Preemption.install()
+        assert loop is entry
+        loop.release()
+        assert signal.getsignal(signal.SIGTERM) == entry._handle
+    finally:
+        entry.release()
+    assert signal.getsignal(signal.SIGTERM) == original  # the last release restores
+
+
+def test_a_stop_asked_during_a_step_is_read_after_its_update(char_data, tmp_path):
+    """The flag is read once the optimizer has stepped: a signal during step i stops after step i, not i+1."""
+    import torch
+    from nanomoe_ds import trainer
+    from nanomoe_ds.data import Batches
+    from nanomoe_ds.model import GPT
+    model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, vocab_size=65))
+    engine = trainer.LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float32)
+    batches = Batches(str(char_data), model_cfg.block_size, train_cfg.batch_size, "cpu", train_cfg.seed)
+    weight = engine.module.lm_head.weight
+    before = weight.detach().clone()
+    seen = []
+    _, _, stop = trainer.train_step(engine, batches, train_cfg, [0, 1], 0, 1e-3,
+                                    lambda: seen.append(not torch.equal(weight, before)) or True, None)
+    assert seen == [True] and stop
+
+
 def test_fp16_overflow_is_a_skipped_step_not_a_divergence(tmp_path):
     """GradScaler skips an overflowing step and lowers the scale; step() must not report an inf norm
     (the NaN guard would stop a healthy fp16 run at its first overflow)."""
@@ -241,7 +275,7 @@ def test_a_training_step_reads_the_host_once(char_data, tmp_path, monkeypatch, o
     monkeypatch.setattr(trainer, "to_host", lambda t: reads_before_copy.append(list(counter.reads)) or t.cpu())
     for it in range(2):
         with count_host_reads() as counter:
-            losses, norm, stop = trainer.train_step(engine, batches, train_cfg, [0, 1], it, 1e-3, it == 1, None)
+            losses, norm, stop = trainer.train_step(engine, batches, train_cfg, [0, 1], it, 1e-3, lambda: it == 1, None)
         assert len(reads_before_copy[-1]) == reads * 2  # per micro-batch: nothing else waited for the device
         assert losses.shape == (4,) and norm > 0 and stop == (it == 1)
     assert len(reads_before_copy) == 2  # one copy per step
@@ -268,11 +302,11 @@ def test_cuda_step_syncs_only_in_to_host(char_data, tmp_path, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("error")
     monkeypatch.setattr(trainer, "to_host", to_host)
-    trainer.train_step(engine, batches, train_cfg, [0, 1], 0, 1e-3, False, None)  # warm-up: lazy state, kernels
+    trainer.train_step(engine, batches, train_cfg, [0, 1], 0, 1e-3, lambda: False, None)  # warm-up: lazy state, kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses, norm, _ = trainer.train_step(engine, batches, train_cfg, [0, 1], 1, 1e-3, False, None)
+        losses, norm, _ = trainer.train_step(engine, batches, train_cfg, [0, 1], 1, 1e-3, lambda: False, None)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert losses.shape == (4,) and norm > 0

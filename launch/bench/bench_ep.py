@@ -257,7 +257,7 @@ def worker_interleaved(args, train_argv: list[str]):
             engine, t = s["engine"], s["t"]
             t0, c0 = time.perf_counter(), time.process_time()
             Recorder.active = s["timers"]  # the step's collectives count for this side
-            losses, _, _ = train_step(engine, s["batches"], t, s["my_micro"], it, get_lr(it, t), False, s["tally"])
+            losses, _, _ = train_step(engine, s["batches"], t, s["my_micro"], it, get_lr(it, t), lambda: False, s["tally"])
             s["tally"].reduce(engine.all_reduce, t.gradient_accumulation_steps, False)  # the trainer logs it
             s["wall"].append((time.perf_counter() - t0) * 1e3)
             s["cpu"].append((time.process_time() - c0) * 1e3)
