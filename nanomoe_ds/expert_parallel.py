@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch.profiler import record_function
 
-from .dispatch import gather_rows
+from .kernels import gather_rows
 from .moe import EXPERT_PARAMS, GroupedExperts, MoE
 
 
@@ -37,7 +37,8 @@ class ExpertParallelExperts(GroupedExperts):
         d, hidden = experts.w_in.shape[1:]
         # The same constructor as the whole, so every setting carries over; then this rank's
         # slice of the full, seeded init, under the same parameter names.
-        super().__init__(num_local, d, hidden, experts.act, experts.b_in is not None, experts.impl, experts.activation)
+        super().__init__(num_local, d, hidden, gated=experts.gated, bias=experts.b_in is not None, impl=experts.impl,
+                         gelu_variant=experts.gelu_variant)
         self.to(device=experts.w_in.device, dtype=experts.w_in.dtype)
         self.group, self.ep_size = group, ep_size
         start = dist.get_rank(group) * num_local

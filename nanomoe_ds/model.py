@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from .config import HF_ACTIVATIONS, ConfigError, GPTConfig
-from .moe import MLP, MoE, Routing, init_moe_
+from .mlp import MLP
+from .moe import MoE, Routing, init_moe_
 
 
 class LayerNorm(nn.Module):
@@ -56,7 +57,7 @@ class Block(nn.Module):
         if cfg.is_moe_layer(layer_idx):
             self.mlp = MoE(cfg)
         else:
-            self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout, cfg.activation)
+            self.mlp = MLP(cfg.n_embd, 4 * cfg.n_embd, cfg.bias, cfg.dropout, gelu_variant=cfg.activation)
 
     def forward(self, x) -> tuple[torch.Tensor, Routing | None]:
         """-> (output, the MoE layer's Routing, or None in a dense block). GPT.forward records the

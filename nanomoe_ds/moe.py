@@ -4,7 +4,8 @@ One implementation serves every path. Under expert parallelism,
 expert_parallel.py swaps a layer's `experts` for a sharded module with the same
 `forward(xs, counts)` that moves the permuted tokens to the ranks owning their
 experts and back. Nothing else changes, which is what the EP-vs-single-device
-equivalence tests check.
+equivalence tests check. The experts' math is here; the kernels that run it fast
+(and their hand-written backwards) are in kernels.py.
 
 Ideas credited to: Switch Transformer (aux loss, jitter, capacity), ST-MoE
 (z-loss), Mixtral (softmax-then-top-k), DeepSeekMoE/V3 (shared experts, sigmoid
@@ -23,7 +24,8 @@ from torch.profiler import record_function
 
 from . import kernels
 from .config import GPTConfig
-from .dispatch import capacity, gather_rows, gather_tokens, permute, unpermute
+from .dispatch import capacity, gather_tokens, permute, unpermute
+from .mlp import MLP, gelu, gelu_approximate
 
 
 class Router(nn.Module):
@@ -85,23 +87,25 @@ class Experts(Protocol):
 class GroupedExperts(nn.Module):
     """E GPT-2 MLPs stored as stacked tensors, applied to rows already sorted by expert.
 
-    Three kernels compute the same thing (tests hold them equal); `impl` picks one,
-    and `auto` asks kernels.choose (by device, dtype, torch version and, on a CPU, rows
-    per expert):
+    `_mlp` is the experts' math. Three kernels (kernels.py) compute it and differ only
+    in how each row meets its expert's weights (tests hold them equal); `impl` picks
+    one, and `auto` asks kernels.choose (by device, dtype, torch version and, on a CPU,
+    rows per expert):
       - grouped_mm: one grouped GEMM over variable-size groups (fast on Hopper);
       - bmm: pad every group to the largest count, then batched matmuls;
       - loop: one matmul per expert over its contiguous rows (fastest on a CPU when
-        experts get many rows), with its backward written out (_LoopExperts).
+        experts get many rows), with its backward written out (kernels.LoopExperts).
     """
 
-    def __init__(self, num_experts: int, d: int, hidden: int, act: str = "gelu", bias: bool = True,
-                 impl: str = "auto", activation: str = "gelu"):
+    def __init__(self, num_experts: int, d: int, hidden: int, gated: bool = False, bias: bool = True,
+                 impl: str = "auto", gelu_variant: str = "gelu"):
         super().__init__()
-        self.num_experts, self.act, self.impl = num_experts, act, impl
-        self.activation = activation  # which GELU a non-gated expert uses (config.ACTIVATIONS)
+        self.num_experts, self.impl = num_experts, impl
+        self.gated = gated  # SwiGLU experts (expert_act=swiglu) rather than GPT-2's GELU MLP
+        self.gelu_variant = gelu_variant  # which GELU a non-gated expert uses: the config's `activation`
         self.w_in = nn.Parameter(torch.empty(num_experts, d, hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, d))
-        self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if act == "swiglu" else None
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d, hidden)) if gated else None
         self.b_in = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(num_experts, d)) if bias else None
 
@@ -136,17 +140,8 @@ class GroupedExperts(nn.Module):
         x = x.to(compute_dtype)
         if self.kernel_for(x, compute_dtype) != "grouped_mm":
             return self._host_sized(x, counts, params)
-        # grouped_mm: the rows stay put; one grouped GEMM per projection, bias rows gathered.
-        # Nothing here reads the counts on the host, so torch.compile traces it whole.
-        E, N = self.num_experts, x.shape[0]
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)
-
-        def grouped_linear(a, w, b):
-            y = torch._grouped_mm(a, w, offs=offs)
-            return y if b is None else _AddGroupedBias.apply(y, b, counts, expert_of_row)
-
-        return self._mlp(x, *params, linear=grouped_linear)
+        # grouped_mm reads nothing on the host: torch.compile traces this path whole.
+        return self._mlp(x, params, kernels.grouped_linear(counts, x.shape[0]))
 
     @torch.compiler.disable  # traced, every step's new counts would be a recompilation
     def _host_sized(self, x: torch.Tensor, counts: torch.Tensor, params: list) -> torch.Tensor:
@@ -156,174 +151,23 @@ class GroupedExperts(nn.Module):
         pick the kernel. Under torch.compile this call is the layer's one graph break.
         """
         sizes = counts.tolist()
-        impl = self.kernel_for(x, x.dtype, sizes)
-        if impl == "loop":
-            return _LoopExperts.apply(x, sizes, self.act, self.activation, *params)
-        # bmm. Pad once: expert e's rows go to block e of an [E, max_count, d] buffer,
-        # the whole MLP runs there (each block's bias is a broadcast add, no per-row
-        # copy) and the rows come back once at the end. Padding rows are zeros and
-        # their outputs are never read, so they add nothing to any gradient.
-        E, N, cap = self.num_experts, x.shape[0], max(sizes)
-        starts = torch.cumsum(counts, 0) - counts
-        shift = torch.arange(E, device=x.device) * cap - starts  # row i of expert e -> e*cap + (i - start_e)
-        slot = torch.arange(N, device=x.device) + torch.repeat_interleave(shift, counts, output_size=N)
-        padded = x.new_zeros(E * cap, x.shape[-1]).index_copy_(0, slot, x).view(E, cap, -1)
-        y = self._mlp(padded, *params, linear=_padded_linear)
-        return gather_rows(y.view(E * cap, -1), slot)
+        if self.kernel_for(x, x.dtype, sizes) == "loop":
+            return kernels.loop_experts(x, sizes, gelu_approximate(self.gelu_variant), params)
+        padded, slot = kernels.pad_by_expert(x, counts, sizes)
+        return kernels.unpad(self._mlp(padded, params, kernels.padded_linear), slot)
 
-    def _mlp(self, x, w_in, w_gate, w_out, b_in, b_out, *, linear):
-        """The expert MLP for bmm and grouped_mm: `linear(x, w, b)` applies each row's expert.
+    def _mlp(self, x: torch.Tensor, params: list, linear) -> torch.Tensor:
+        """The experts' math: `linear(x, w, b)` applies each row's expert (grouped_mm's or bmm's).
 
-        _LoopExperts computes the same function expert by expert (its bias inside the GEMM).
+        kernels.LoopExperts computes the same function expert by expert (its bias inside the GEMM).
         """
+        w_in, w_gate, w_out, b_in, b_out = params
         h = linear(x, w_in, b_in)
-        if self.act == "swiglu":
+        if self.gated:
             h = F.silu(linear(x, w_gate, None)) * h
         else:
-            h = gelu(h, self.activation)
+            h = gelu(h, self.gelu_variant)
         return linear(h, w_out, b_out)
-
-
-# bmm adds the bias after the matmul, as grouped_mm must (the grouped GEMM has no
-# bias): both round the product to the compute dtype first, so their outputs agree bit
-# for bit when their GEMMs do. The loop kernel adds it inside the GEMM (addmm), one call
-# per expert instead of two; its outputs can differ from theirs in the last bit.
-def _padded_linear(x, w, b):
-    """[E, cap, d_in] @ [E, d_in, d_out] + b[E, d_out], the bias broadcast over each block's rows."""
-    y = torch.bmm(x, w)
-    return y if b is None else y + b.unsqueeze(1)
-
-
-class _LoopExperts(torch.autograd.Function):
-    """The loop kernel: one expert at a time, its whole MLP on its contiguous rows, backward by hand.
-
-    Composed from autograd ops, this kernel built a graph of about ten nodes per
-    expert per layer and joined the pieces again: a `cat` of the outputs, a `cat` of
-    the input gradients (split's backward) and a `stack` of the weight gradients
-    (unbind's backward). At nanoGPT sizes, a few hundred rows per expert on a CPU,
-    that bookkeeping cost as much as the matmuls. Here autograd sees one node; each
-    expert's results go straight into its rows of preallocated buffers (`out=`), and
-    the expert's whole chain (matmul, activation, matmul, and back) runs while its
-    rows are still in cache. The arithmetic is _mlp's; tests hold every kernel to a
-    per-token reference.
-    """
-
-    @staticmethod
-    def forward(ctx, x, sizes, act, activation, w_in, w_gate, w_out, b_in, b_out):
-        N, hidden = x.shape[0], w_in.shape[-1]
-        h = x.new_empty(N, hidden)  # pre-activation (the activation's backward needs it)
-        gate = x.new_empty(N, hidden) if act == "swiglu" else None
-        h_act = x.new_empty(N, hidden)
-        y = x.new_empty(N, w_out.shape[-1])
-        approximate = gelu_approximate(activation)
-        for e, (x_e, h_e, gate_e, act_e, y_e) in _blocks(sizes, x, h, gate, h_act, y):
-            _linear_into(h_e, x_e, w_in[e], b_in, e)
-            if gate is None:
-                torch.ops.aten.gelu.out(h_e, approximate=approximate, out=act_e)
-            else:
-                _linear_into(gate_e, x_e, w_gate[e], None, e)
-                torch.mul(F.silu(gate_e), h_e, out=act_e)
-            _linear_into(y_e, act_e, w_out[e], b_out, e)
-        ctx.save_for_backward(x, h, gate, h_act, w_in, w_gate, w_out)
-        ctx.sizes, ctx.approximate, ctx.biased = sizes, approximate, b_in is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, h, gate, h_act, w_in, w_gate, w_out = ctx.saved_tensors
-        sizes, biased = ctx.sizes, ctx.biased
-        grad_y = grad_y.contiguous()
-        grad_x = torch.empty_like(x)
-        empty_expert = 0 in sizes  # its weights get zero gradients; the others are overwritten
-        new = torch.zeros_like if empty_expert else torch.empty_like
-        grad_w_in, grad_w_out = new(w_in), new(w_out)
-        grad_w_gate = new(w_gate) if gate is not None else None
-        grad_b_in = new(w_in[:, 0]) if biased else None
-        grad_b_out = new(w_out[:, 0]) if biased else None
-        for e, (x_e, h_e, gate_e, act_e, gy_e, gx_e) in _blocks(sizes, x, h, gate, h_act, grad_y, grad_x):
-            grad_act = torch.mm(gy_e, w_out[e].t())
-            torch.mm(act_e.t(), gy_e, out=grad_w_out[e])
-            if gate is None:
-                grad_h = torch.ops.aten.gelu_backward(grad_act, h_e, approximate=ctx.approximate)
-            else:  # act = silu(gate) * h
-                grad_h = grad_act * F.silu(gate_e)
-                grad_gate = torch.ops.aten.silu_backward(grad_act * h_e, gate_e)
-            torch.mm(grad_h, w_in[e].t(), out=gx_e)
-            torch.mm(x_e.t(), grad_h, out=grad_w_in[e])
-            if gate is not None:  # x feeds both projections: its gradient is the sum
-                gx_e.addmm_(grad_gate, w_gate[e].t())
-                torch.mm(x_e.t(), grad_gate, out=grad_w_gate[e])
-            if biased:  # column sums, accumulated in fp32 by torch.sum also for bf16 rows
-                torch.sum(gy_e, 0, out=grad_b_out[e])
-                torch.sum(grad_h, 0, out=grad_b_in[e])
-        return grad_x, None, None, None, grad_w_in, grad_w_gate, grad_w_out, grad_b_in, grad_b_out
-
-
-def _blocks(sizes: list[int], *tensors):
-    """(e, [each tensor's rows of expert e]) for every expert with rows; None tensors give None."""
-    views = [t.split(sizes) if t is not None else [None] * len(sizes) for t in tensors]
-    for e, n in enumerate(sizes):
-        if n:
-            yield e, [v[e] for v in views]
-
-
-def _linear_into(out, x, w, b, e):
-    """out = x @ w (+ b[e]) for one expert's rows, the bias inside the GEMM (addmm)."""
-    if b is None:
-        torch.mm(x, w, out=out)
-    else:
-        torch.addmm(b[e], x, w, out=out)
-
-
-class _AddGroupedBias(torch.autograd.Function):
-    """y + b[expert of each row], for rows grouped by expert.
-
-    Autograd's backward of that index_select is an index_add: on a GPU every row of
-    an expert adds atomically into the same bias row, which serialises (and in bf16
-    runs as compare-and-swap loops). The rows of an expert are contiguous, so the
-    bias gradient is a segment sum instead, accumulated in fp32.
-
-    torch._grouped_mm takes no bias. Eager, the forward gathers an [N, d_out] bias
-    tensor. Under torch.compile, inductor computes the gather, the add and the
-    activation after it in one elementwise pass over the GEMM's output, so the bias
-    is an epilogue and is never gathered into memory (a test in test_moe checks the
-    generated code).
-    """
-
-    @staticmethod
-    def forward(ctx, y, b, counts, expert_of_row):
-        ctx.save_for_backward(counts)
-        return y + b.index_select(0, expert_of_row)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (counts,) = ctx.saved_tensors
-        grad_b = torch.segment_reduce(grad.float(), "sum", lengths=counts).to(grad.dtype)
-        return grad, grad_b, None, None
-
-
-def gelu_approximate(activation: str) -> str:
-    """F.gelu's `approximate` for an activation name: "tanh" for gelu_tanh (GPT-2's), else "none"."""
-    return "tanh" if activation == "gelu_tanh" else "none"
-
-
-def gelu(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The MLP nonlinearity: exact GELU, or the tanh approximation GPT-2 was trained with ("gelu_tanh")."""
-    return F.gelu(h, approximate=gelu_approximate(activation))
-
-
-class MLP(nn.Module):
-    """The GPT-2 MLP: also the dense block and the shared experts of DeepSeekMoE."""
-
-    def __init__(self, d: int, hidden: int, bias: bool, dropout: float = 0.0, activation: str = "gelu"):
-        super().__init__()
-        self.c_fc = nn.Linear(d, hidden, bias=bias)
-        self.c_proj = nn.Linear(hidden, d, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-        self.activation = activation
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(gelu(self.c_fc(x), self.activation)))
 
 
 class Routing(NamedTuple):
@@ -345,10 +189,10 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.num_experts, self.k = cfg.num_experts, cfg.num_experts_per_tok
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.num_experts, cfg.n_embd, cfg.expert_hidden, cfg.expert_act,
-                                      cfg.bias, cfg.moe_impl, cfg.activation)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.n_embd, cfg.expert_hidden, gated=cfg.expert_act == "swiglu",
+                                      bias=cfg.bias, impl=cfg.moe_impl, gelu_variant=cfg.activation)
         self.shared_mlp = (MLP(cfg.n_embd, cfg.num_shared_experts * cfg.expert_hidden, cfg.bias,
-                               activation=cfg.activation) if cfg.num_shared_experts else None)
+                               gelu_variant=cfg.activation) if cfg.num_shared_experts else None)
         self.dropout = nn.Dropout(cfg.dropout)
         self.aux_loss = self.z_loss = None  # set by each training forward
         self.last_routing = None  # (kept tokens per expert, dropped, all assignments) of the last forward

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from nanomoe_ds.dispatch import Permutation, _chunks, capacity, gather_tokens, permute, unpermute
+from nanomoe_ds.dispatch import Permutation, capacity, gather_tokens, permute, unpermute
+from nanomoe_ds.kernels import _chunks
 
 
 def random_routing(T: int, k: int, E: int, seed: int = 0):

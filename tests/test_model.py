@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from nanomoe_ds import checkpoint
 from nanomoe_ds.config import ConfigError, GPTConfig
 from nanomoe_ds.model import GPT
-from nanomoe_ds.moe import MLP, MoE
+from nanomoe_ds.mlp import MLP
+from nanomoe_ds.moe import MoE
 
 
 def tiny(**kw):
@@ -150,7 +151,7 @@ def test_from_pretrained_matches_transformers(tmp_path, hf_act, ours):
         ours_logits, _ = model(idx, idx)
         torch.testing.assert_close(ours_logits, ref, rtol=0, atol=1e-5)
         for block in model.transformer.h:  # the other GELU: the test has teeth
-            block.mlp.activation = "gelu" if ours == "gelu_tanh" else "gelu_tanh"
+            block.mlp.gelu_variant = "gelu" if ours == "gelu_tanh" else "gelu_tanh"
         assert (model(idx, idx)[0] - ref).abs().max() > 1e-4
 
 
@@ -183,7 +184,7 @@ def test_activation_is_followed_by_dense_shared_and_routed_mlps(activation):
     torch.manual_seed(0)
     model = GPT(tiny(use_moe=True, moe_every=2, num_shared_experts=1, activation=activation))
     dense_mlp, moe = model.transformer.h[0].mlp, model.transformer.h[1].mlp
-    assert dense_mlp.activation == moe.shared_mlp.activation == moe.experts.activation == activation
+    assert dense_mlp.gelu_variant == moe.shared_mlp.gelu_variant == moe.experts.gelu_variant == activation
     x = torch.randn(5, 16) * 3
     approximate = "tanh" if activation == "gelu_tanh" else "none"
     expected = dense_mlp.c_proj(F.gelu(dense_mlp.c_fc(x), approximate=approximate))

@@ -16,7 +16,8 @@ import torch
 
 from nanomoe_ds.config import ConfigError, GPTConfig, build, validate_model
 from nanomoe_ds.model import GPT, Block
-from nanomoe_ds.moe import MLP, GroupedExperts, MoE, Router, init_moe_
+from nanomoe_ds.mlp import MLP
+from nanomoe_ds.moe import GroupedExperts, MoE, Router, init_moe_
 
 D, H = 16, 32  # model width, expert hidden width (multiples of 4/8 bytes: grouped_mm needs aligned strides)
 B, S = 2, 12  # 24 tokens per forward
@@ -700,7 +701,7 @@ def test_forced_grouped_mm_that_cannot_run_is_one_line_error():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_experts_on_zero_rows_give_zero_gradients(impl):
-    ex = GroupedExperts(4, D, H, act="swiglu", impl=impl)
+    ex = GroupedExperts(4, D, H, gated=True, impl=impl)
     for p in ex.parameters():
         torch.nn.init.normal_(p)
     out = ex(torch.zeros(0, D), torch.zeros(4, dtype=torch.long))
@@ -735,7 +736,7 @@ def test_experts_gradients_match_autograd_per_expert(impl, activation):
     The loop kernel writes its backward by hand; an empty expert must get zero gradients.
     """
     dtype = dtype_for(impl)
-    ex = GroupedExperts(5, D, H, impl=impl, activation=activation).to(dtype)
+    ex = GroupedExperts(5, D, H, impl=impl, gelu_variant=activation).to(dtype)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in ex.parameters():

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from nanomoe_ds import kernels
 from nanomoe_ds.config import GPTConfig, validate_model
 from nanomoe_ds.dispatch import gather_tokens, permute, unpermute
-from nanomoe_ds.moe import MLP, MoE, init_moe_
+from nanomoe_ds.mlp import MLP
+from nanomoe_ds.moe import MoE, init_moe_
 from ranks import free_port
 
 VARIANTS = ("dense", "ours", "seed", "ds")
