@@ -58,6 +58,12 @@ def tensor_key(kind: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------- small state
+def state_buffers(model: GPT):
+    """(name, buffer) of the buffers a checkpoint holds: the router biases that aux-loss-free balancing
+    learns. The one rule, for every engine; other buffers (the causal mask) are rebuilt from the config."""
+    return ((name, buffer) for name, buffer in model.named_buffers() if name.endswith("score_bias"))
+
+
 def adamw_step(step: int, param: torch.Tensor, group: dict) -> torch.Tensor:
     """AdamW's `step` state as torch keeps it: a float32 tensor, on the parameter's device for the fused
     or capturable kernels, else on the CPU (a restore creates it before AdamW's first step would)."""

@@ -148,7 +148,7 @@ def shapes(model, optimizer) -> dict[str, list[int]]:
     """Every tensor the checkpoint holds and its whole shape (rank 0 writes them into the index)."""
     kinds = _kinds(optimizer)
     out = {tensor_key(kind, n): global_shape(p) for n, p in model.named_parameters() for kind in kinds}
-    out.update({tensor_key("model", n): list(b.shape) for n, b in model.named_buffers() if n.endswith("score_bias")})
+    out.update({tensor_key("model", n): list(b.shape) for n, b in checkpoint.state_buffers(model)})
     return out
 
 
@@ -171,9 +171,8 @@ def owned_pieces(model, optimizer, rank: int):
                 if numel:
                     yield tensor_key(kind, n), base + start, _local(optimizer, p, kind).narrow(0, start, numel)
     if rank == 0:  # the router bias: identical on every rank
-        for n, b in model.named_buffers():
-            if n.endswith("score_bias"):
-                yield tensor_key("model", n), 0, b.detach().view(-1)
+        for n, b in checkpoint.state_buffers(model):
+            yield tensor_key("model", n), 0, b.detach().view(-1)
 
 
 def loss_scale(engine) -> dict | None:

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .launch_env import RunStopped
 
 _HASH_MOD = (1 << 61) - 1  # a Mersenne prime: the order hash stays exact in int64
 
 
-class ReductionOrderMismatch(RuntimeError):
+class ReductionOrderMismatch(RunStopped):
     """Ranks handed gradients to the reduction in different orders: their sums would mix tensors."""
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .launch_env import RunStopped
+
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CHUNK = 1 << 22  # elements widened to int64 at a time: the guard's extra memory stays small
 
 
-class ReplicasDiverged(RuntimeError):
+class ReplicasDiverged(RunStopped):
     """Copies of a tensor that must be identical on several ranks are not."""
 
 

@@ -125,6 +125,28 @@ def os_error_line(error: OSError) -> str:
     return f"{where}{error.strerror or error}; {advice}"
 
 
+class RunStopped(Exception):
+    """The run stopped itself before a bad state could be saved: a non-finite loss, replicas that differ,
+    gradients reduced in different orders. The checkpoint in out_dir is the last good state."""
+
+
+def exit_status(error: BaseException) -> int | None:
+    """For an error that ends a run in one line: report it on this rank and return the process's exit
+    status (2: refused input, 3: stopped before saving a bad state, 1: a file system's error). None for
+    anything else: a bug, or another rank's failure, which the caller reports.
+    Both entry paths (launch/train.py, ds_engine.run) end through this one table."""
+    if isinstance(error, ConfigError):
+        report_error(error)
+        return 2
+    if isinstance(error, RunStopped):
+        report_error(error)  # nothing of the bad state was saved
+        return 3
+    if isinstance(error, OSError):  # a disk that fills or goes away mid-run: one line, not a traceback
+        report_error(os_error_line(error))
+        return 1
+    return None
+
+
 def report_error(error: Exception):
     """Print an error on this rank's stderr, in one line, whichever rank it is.
 

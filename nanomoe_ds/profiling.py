@@ -19,6 +19,7 @@ import torch
 FORWARD_PARTS = ("attention", "moe.router+permute", "moe.experts", "moe.all_to_all", "moe.unpermute")
 STEP_PARTS = ("forward", "backward", "optimizer")
 STEPS = 3  # profiled steps, after the loop's warm-up
+WARM_UP = 5  # steps before the window opens: past compilation and the allocator's first growth
 
 
 def totals(prof, device_kind: str) -> dict[str, float]:
@@ -67,3 +68,27 @@ def profiler(device_kind: str):
     if device_kind == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return torch.profiler.profile(activities=activities)
+
+
+class Window:
+    """The loop's --profile window: after WARM_UP steps, profile STEPS steps, then print the table (`say`,
+    rank 0's printer, or None on the other ranks) and write out_dir/profile.json."""
+
+    def __init__(self, enabled: bool, device_kind: str, out_dir: str, say):
+        self.enabled, self.device_kind, self.out_dir, self.say = enabled, device_kind, out_dir, say
+        self.prof, self.wall_ms = None, 0.0
+
+    def step_begins(self, local_iter: int):
+        if self.enabled and local_iter == WARM_UP:
+            self.prof = profiler(self.device_kind)
+            self.prof.start()
+
+    def step_ended(self, local_iter: int, seconds: float):
+        if self.prof is None or not WARM_UP <= local_iter < WARM_UP + STEPS:
+            return
+        self.wall_ms += seconds * 1000
+        if local_iter == WARM_UP + STEPS - 1:
+            self.prof.stop()
+            if self.say is not None:
+                rows = report(totals(self.prof, self.device_kind), self.wall_ms, STEPS)
+                self.say(write(rows, self.out_dir, self.wall_ms, STEPS))

@@ -12,7 +12,8 @@ from conftest import REPO, read_checkpoint, tensorboard_scalars, tiny_args, wand
 from dist_utils import ds_json, free_port, loopback_env, run_ranks, train_rows
 
 from nanomoe_ds.config import from_argv
-from nanomoe_ds.trainer import build_model, train
+from nanomoe_ds.start import build_model
+from nanomoe_ds.trainer import train
 
 # A tiny MoE GPT whose clipping threshold (0.5) sits below its gradient norm (~1.5):
 # every step below is clipped, so a wrong global norm would show in the weights.

@@ -18,7 +18,8 @@ from dist_utils import as_launched, ds_json, spawn_ranks, train_rows
 
 from nanomoe_ds import grad_order
 from nanomoe_ds.config import from_argv
-from nanomoe_ds.trainer import LocalEngine, train
+from nanomoe_ds.local_engine import LocalEngine
+from nanomoe_ds.trainer import train
 
 
 # ---------------------------------------------------------------- the ordering itself (in process)
@@ -101,7 +102,7 @@ def record_kernels(path):
 
 
 def ds_rank(rank, world, argv, case, out):
-    from nanomoe_ds.deepspeed_integration import make_engine_factory
+    from nanomoe_ds.ds_engine import make_engine_factory
     as_launched(rank, world)
     if case == "flip":
         record_kernels(f"{out}/kernels.{rank}.json")
@@ -174,7 +175,7 @@ def test_replicated_experts_match_one_device(char_data, tmp_path, case, world, e
 # ---------------------------------------------------------------- the order guard
 def unordered_rank(rank, world, argv, out):
     """A rank whose reduction takes gradients as backward makes them (the ordering switched off)."""
-    from nanomoe_ds import deepspeed_integration
+    from nanomoe_ds import ds_engine
     as_launched(rank, world)
 
     def arrive(self, param, *args):
@@ -182,7 +183,7 @@ def unordered_rank(rank, world, argv, out):
         self._send(self.position[id(param)])
     grad_order.CanonicalReduction._arrive = arrive
     m, t = from_argv(argv)
-    Path(f"{out}/code.{rank}").write_text(str(deepspeed_integration.run(m, t)))
+    Path(f"{out}/code.{rank}").write_text(str(ds_engine.run(m, t)))
 
 
 @pytest.mark.slow

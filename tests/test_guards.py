@@ -33,9 +33,9 @@ def test_fingerprint_in_chunks_equals_one_pass(monkeypatch):
 
 def perturbed_rank(rank, world, argv, out, target):
     """Rank 1 changes one weight of its copy right after the engine is built; the others do not."""
-    from nanomoe_ds import deepspeed_integration
+    from nanomoe_ds import ds_engine
     as_launched(rank, world)
-    make = deepspeed_integration.make_engine_factory
+    make = ds_engine.make_engine_factory
 
     def make_perturbing(m, t):
         factory = make(m, t)
@@ -47,9 +47,9 @@ def perturbed_rank(rank, world, argv, out, target):
                     dict(model.named_parameters())[target].view(-1)[0] += 1e-3
             return built
         return engine
-    deepspeed_integration.make_engine_factory = make_perturbing
+    ds_engine.make_engine_factory = make_perturbing
     m, t = from_argv(argv)
-    Path(f"{out}/code.{rank}").write_text(str(deepspeed_integration.run(m, t)))
+    Path(f"{out}/code.{rank}").write_text(str(ds_engine.run(m, t)))
 
 
 @pytest.mark.slow
@@ -67,7 +67,7 @@ def test_a_replica_that_differs_stops_every_rank_and_saves_nothing(char_data, tm
 
 
 def healthy_rank(rank, world, argv, out):
-    from nanomoe_ds import deepspeed_integration
+    from nanomoe_ds import ds_engine
     as_launched(rank, world)
     calls = []
     check = guards.check
@@ -77,7 +77,7 @@ def healthy_rank(rank, world, argv, out):
         return check(*args)
     guards.check = counted
     m, t = from_argv(argv)
-    code = deepspeed_integration.run(m, t)
+    code = ds_engine.run(m, t)
     Path(f"{out}/code.{rank}").write_text(f"{code} {calls}")
 
 

@@ -17,7 +17,8 @@ from conftest import REPO, tensorboard_scalars, tiny_args, wandb_history
 from nanomoe_ds import metrics
 from nanomoe_ds.config import ConfigError, GPTConfig, from_argv
 from nanomoe_ds.model import GPT
-from nanomoe_ds.trainer import build_model, train
+from nanomoe_ds.start import build_model
+from nanomoe_ds.trainer import train
 
 
 @pytest.mark.parametrize("name, dtype, tf32, want_tflops", [

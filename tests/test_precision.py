@@ -7,7 +7,8 @@ import torch
 from nanomoe_ds import checkpoint, precision
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.precision import Support
-from nanomoe_ds.trainer import resolve_device, train
+from nanomoe_ds.local_engine import resolve_device
+from nanomoe_ds.trainer import train
 
 from conftest import tiny_args
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from nanomoe_ds.config import ConfigError, from_argv
+from nanomoe_ds.local_engine import LocalEngine
 from nanomoe_ds.trainer import get_lr, train
 
 from conftest import REPO, tiny_args
@@ -192,7 +193,7 @@ def test_a_stop_asked_during_a_step_is_read_after_its_update(char_data, tmp_path
     from nanomoe_ds.data import Batches
     from nanomoe_ds.model import GPT
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, vocab_size=65))
-    engine = trainer.LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float32)
+    engine = LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float32)
     batches = Batches(str(char_data), model_cfg.block_size, train_cfg.batch_size, "cpu", train_cfg.seed)
     weight = engine.module.lm_head.weight
     before = weight.detach().clone()
@@ -208,7 +209,7 @@ def test_fp16_overflow_is_a_skipped_step_not_a_divergence(tmp_path):
     import torch
 
     from nanomoe_ds.model import GPT
-    from nanomoe_ds.trainer import LocalEngine, check_finite
+    from nanomoe_ds.trainer import check_finite
     model_cfg, train_cfg = from_argv(tiny_args(tmp_path, tmp_path, vocab_size=65))
     torch.manual_seed(0)
     engine = LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float16)
@@ -269,7 +270,7 @@ def test_a_training_step_reads_the_host_once(char_data, tmp_path, monkeypatch, o
     from nanomoe_ds.model import GPT
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, moe_impl="grouped_mm", vocab_size=65, **over))
     torch.manual_seed(0)
-    engine = trainer.LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float32)
+    engine = LocalEngine(GPT(model_cfg), train_cfg, "cpu", torch.float32)
     batches = Batches(str(char_data), model_cfg.block_size, train_cfg.batch_size, "cpu", train_cfg.seed)
     reads_before_copy = []
     monkeypatch.setattr(trainer, "to_host", lambda t: reads_before_copy.append(list(counter.reads)) or t.cpu())
@@ -292,7 +293,7 @@ def test_cuda_step_syncs_only_in_to_host(char_data, tmp_path, monkeypatch):
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, moe_impl="grouped_mm", vocab_size=65,
                                                device="cuda", n_embd=64))
     torch.manual_seed(0)
-    engine = trainer.LocalEngine(GPT(model_cfg), train_cfg, "cuda", torch.bfloat16)
+    engine = LocalEngine(GPT(model_cfg), train_cfg, "cuda", torch.bfloat16)
     batches = Batches(str(char_data), model_cfg.block_size, train_cfg.batch_size, "cuda", train_cfg.seed)
 
     def to_host(tensor):
@@ -317,7 +318,7 @@ def test_rank_0_picks_the_source_runs_checkpoint_and_every_rank_loads_that_one(c
     build from that iteration, not each from whatever is newest when it looks (the source may be saving)."""
     import torch
     from nanomoe_ds import checkpoint
-    from nanomoe_ds.trainer import build_model, choose_start
+    from nanomoe_ds.start import build_model, choose_start
     source = tmp_path / "dense"
     run_tiny(char_data, source, use_moe=False, max_iters=6, eval_interval=3)
     m, t = from_argv(tiny_args(char_data, tmp_path / "moe", init_from=str(source)))

@@ -4,10 +4,10 @@ For each world size W in --worlds the driver runs two sets of W fresh rank proce
 over loopback (the variables DeepSpeed's launcher sets: RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR=127.0.0.1, a free MASTER_PORT, GLOO_SOCKET_IFNAME=lo), one thread each:
   save  W ranks build the model and engine as the trainer does (GPT(model_cfg) seeded, then
-        deepspeed_integration.make_engine_factory on the shipped ds_configs/zero2.json with
+        ds_engine.make_engine_factory on the shipped ds_configs/zero2.json with
         bf16 off: fp32, ZeRO-2, ep_size 2), take one training step (trainer.train_step over a
         fixed micro-batch, bench_step.one_step) so AdamW's moments exist, then time
-        trainer.save(engine, t, iter_num=1, ...) into a fresh out_dir;
+        trainer.save(engine, t, TrainState(iter_num=1, ...)) into a fresh out_dir;
   load  the ranks of another world size (--load_worlds; default the next entry of --worlds,
         so 2 -> 4 and 4 -> 2) build the same model and engine, take no step, and restore that
         checkpoint: trainer.restore(engine, out_dir) where the library has it, else (the code
@@ -150,7 +150,7 @@ def worker(args, overrides: list[str]):
     from bench_step import SEED_LINE, FixedBatches, one_step
     from nanomoe_ds import trainer
     from nanomoe_ds.config import from_argv
-    from nanomoe_ds.deepspeed_integration import make_engine_factory, shutdown
+    from nanomoe_ds.ds_engine import make_engine_factory, shutdown
     from nanomoe_ds.model import GPT
 
     torch.set_num_threads(1)
@@ -165,7 +165,7 @@ def worker(args, overrides: list[str]):
         ] + overrides
         model_cfg, train_cfg = from_argv(argv)
         factory = make_engine_factory(model_cfg, train_cfg)
-        torch.manual_seed(train_cfg.seed)  # as trainer.build_model (which would also take the data's vocab)
+        torch.manual_seed(train_cfg.seed)  # as start.build_model (which would also take the data's vocab)
         model = GPT(model_cfg)
         params = sum(p.numel() for p in model.parameters())  # the whole model: the engine keeps local experts only
         expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -184,7 +184,7 @@ def worker(args, overrides: list[str]):
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             if args.phase == "save":
-                trainer.save(engine, train_cfg, 1, 9.99, 1.0)
+                trainer.save(engine, train_cfg, trainer.TrainState(1, 9.99, 1.0))
                 state = None
             elif hasattr(trainer, "restore"):  # the sharded checkpoint's API
                 state = trainer.restore(engine, args.out_dir)

@@ -1,8 +1,8 @@
 """Time the DeepSpeed engine's training step against the plain loop's, side by side on one rank.
 
 Every variant is a model plus an engine built the way `launch/train.py` builds it: `plain`
-is trainer.LocalEngine (what `python launch/train.py` runs), `zeroN` is
-deepspeed_integration's engine on the shipped `ds_configs/zeroN.json` in --dtype, in this
+is local_engine.LocalEngine (what `python launch/train.py` runs), `zeroN` is
+ds_engine's engine on the shipped `ds_configs/zeroN.json` in --dtype, in this
 one process as a single rank (RANK=0, WORLD_SIZE=1, gloo or NCCL). Suffixes:
   -kept     keep the JSON's ZeRO stage on one rank (--zero_single_rank_as_stage0=False):
             DeepSpeed's ZeRO machinery itself, which the default replaces with ZeRO-0 there;
@@ -44,7 +44,7 @@ from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
 from nanomoe_ds.config import ArgumentParser, from_argv
 from nanomoe_ds.metrics import device_peak_flops, mfu
 from nanomoe_ds.model import GPT
-from nanomoe_ds.trainer import LocalEngine
+from nanomoe_ds.local_engine import LocalEngine
 
 DEFAULT_VARIANTS = "plain,zero0,zero1,zero2,zero1-kept,zero2-kept"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -80,7 +80,7 @@ def build(model: str, variant: str, args, overrides: list[str], tmp: str):
     if kind == "plain":
         model_cfg, train_cfg = from_argv(argv)
         return LocalEngine(seeded_model(model_cfg, train_cfg), train_cfg, train_cfg.device, DTYPES[args.dtype])
-    from nanomoe_ds.deepspeed_integration import make_engine_factory
+    from nanomoe_ds.ds_engine import make_engine_factory
     argv += [f"--deepspeed_config={ds_json(kind, args.dtype, False if 'unfused' in options else None, tmp)}"]
     if "kept" in options:
         argv.append("--zero_single_rank_as_stage0=False")

@@ -6,7 +6,7 @@ the same model, the same seeded initialisation and the same global batch of ever
 Two ways to put them side by side:
 
   --mode interleaved (default)  one pair of rank processes builds both engines with
-      nanomoe_ds.deepspeed_integration.make_engine_factory (ep_size=1 and ep_size=2) and
+      nanomoe_ds.ds_engine.make_engine_factory (ep_size=1 and ep_size=2) and
       alternates training steps ABBA (ep1 ep2 | ep2 ep1 | ...). Each step is the trainer's
       loop body (Batches.get of this rank's micro-batches, engine.forward, engine.backward,
       engine.step, the loss all-reduce, the routing tally): a burst of load from other work on a
@@ -168,7 +168,7 @@ def _wrap_engine(engine, timers: Timers, prof: Profile):
 
 
 def _finish(code: int):
-    from nanomoe_ds.deepspeed_integration import shutdown
+    from nanomoe_ds.ds_engine import shutdown
     shutdown(code)
 
 
@@ -176,7 +176,7 @@ def worker_processes(args, train_argv: list[str]):
     """One ep_size, the real loop (nanomoe_ds.trainer.train)."""
     _install_timers()  # before DeepSpeed's comm backend caches function references
     from nanomoe_ds.config import from_argv
-    from nanomoe_ds.deepspeed_integration import make_engine_factory
+    from nanomoe_ds.ds_engine import make_engine_factory
     from nanomoe_ds.trainer import train
 
     rank = int(os.environ["RANK"])
@@ -230,9 +230,10 @@ def worker_interleaved(args, train_argv: list[str]):
     _install_timers()
     from nanomoe_ds.config import from_argv
     from nanomoe_ds.data import Batches, resolve_data_dir, shard
-    from nanomoe_ds.deepspeed_integration import make_engine_factory
+    from nanomoe_ds.ds_engine import make_engine_factory
     from nanomoe_ds.metrics import RoutingTally
-    from nanomoe_ds.trainer import build_model, get_lr, train_step
+    from nanomoe_ds.start import build_model
+    from nanomoe_ds.trainer import get_lr, train_step
 
     rank = int(os.environ["RANK"])
     code = 0

@@ -1,6 +1,6 @@
 """Time whole training steps of MoE GPTs against the dense one, side by side in one run.
 
-Each variant is a model plus the trainer's own single-device engine (trainer.LocalEngine:
+Each variant is a model plus the trainer's own single-device engine (local_engine.LocalEngine:
 autocast, AdamW, clipping), built from the same preset and overrides the trainer would
 parse, so a step here is a step of `launch/train.py`. Variants are interleaved (one step
 of each per round, rotating the order) and the median of the timed rounds is reported,
@@ -31,7 +31,8 @@ import torch
 from bench import machine_name
 from nanomoe_ds.config import from_argv
 from nanomoe_ds.model import GPT
-from nanomoe_ds.trainer import LocalEngine, train_step
+from nanomoe_ds.local_engine import LocalEngine
+from nanomoe_ds.trainer import train_step
 
 SEED_LINE = ["launch/config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--block_size=64",
              "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0", "--vocab_size=65"]
@@ -68,7 +69,7 @@ def build(argv: list[str], fused: bool) -> LocalEngine:
 
 
 class FixedBatches:
-    """trainer.Batches' interface over one fixed batch: the steps time the model, not the data reads."""
+    """data.Batches' interface over one fixed batch: the steps time the model, not the data reads."""
 
     def __init__(self, x: torch.Tensor):
         self.x = x

@@ -1,14 +1,8 @@
-"""The DeepSpeed path: making our MoE known to the engine, the engine adapter, and the entry point.
+"""The DeepSpeed path: the engine adapter (the Engine of engine.py over a DeepSpeed engine) and the entry point.
 
-Split by job: the JSON's reconciliation is ds_config.py (pure), checkpoints are
-ds_checkpoint.py, DeepSpeed's private group registry is behind ds_groups.py.
-
-The model code stays plain PyTorch. DeepSpeed's engine treats a layer as MoE only
-if it is an instance of `deepspeed.moe.layer.MoE`; otherwise it would average
-expert gradients over all ranks, silently wrong. So `adopt_moe_` swaps each of our
-MoE instances to a runtime subclass of both classes, sets the attributes the
-engine reads, keeps the rank's slice of the experts and tags them as expert
-parameters. The README's "Distributed training" section says what this means for users.
+Split by job, one ds_* file each: the JSON's reconciliation is ds_config.py (pure), making our
+MoE known to the engine is ds_moe.py, checkpoints are ds_checkpoint.py, DeepSpeed's private
+group registry is behind ds_groups.py. Only ds_* modules import DeepSpeed.
 """
 from __future__ import annotations
 
@@ -16,7 +10,6 @@ import dataclasses
 import datetime
 import importlib
 import os
-import re
 import sys
 
 import torch
@@ -26,59 +19,8 @@ from . import checkpoint, ds_checkpoint, ds_groups, grad_order, guards, launch_e
 from .ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, json_dtype, load_ds_config, reconcile
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
-from .expert_parallel import parallelize_experts_
 from .model import GPT
-from .moe import EXPERT_PARAMS
-
-DS_EXPERT_INFIX = "deepspeed_moe.experts.deepspeed_experts."  # the key pattern DeepSpeed's MoE checkpointing expects
-
-
-# ---------------------------------------------------------------- MoE adoption
-def _set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
-    """Called by the engine during initialize; the groups already exist (adopt_moe_ made them)."""
-
-
-def _state_dict_post_hook(module, sd, prefix, local_metadata):
-    # DeepSpeed's per-expert checkpoint files need one key per local expert in its naming.
-    for n in EXPERT_PARAMS:
-        t = sd.pop(f"{prefix}experts.{n}", None)
-        if t is not None:
-            for i in range(t.shape[0]):
-                sd[f"{prefix}{DS_EXPERT_INFIX}{i}.{n}"] = t[i]
-
-
-def _load_state_dict_pre_hook(module, sd, prefix, *args):
-    for n in EXPERT_PARAMS:
-        pat = re.compile(re.escape(prefix + DS_EXPERT_INFIX) + r"(\d+)\." + n + "$")
-        found = sorted(((int(mt.group(1)), k) for k in list(sd) if (mt := pat.match(k))))
-        if found:
-            sd[f"{prefix}experts.{n}"] = torch.stack([sd.pop(k) for _, k in found])
-
-
-_SUBCLASSES: dict = {}
-
-
-def adopt_moe_(model: GPT, ep_size: int):
-    """Make every MoE layer an expert-parallel `deepspeed.moe.layer.MoE`, in place."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    name = ds_groups.group_name(ep_size)
-    ep_group = ds_groups.expert_parallel_group(ep_size)
-    for m in model.moe_layers():
-        cls = type(m)
-        if cls not in _SUBCLASSES:
-            _SUBCLASSES[cls] = type("DeepSpeed" + cls.__name__, (cls, DeepSpeedMoE),
-                                    {"set_deepspeed_parallelism": _set_deepspeed_parallelism})
-        m.__class__ = _SUBCLASSES[cls]
-        m.ep_size, m.num_local_experts = ep_size, m.num_experts // ep_size
-        m.expert_group_name, m.enable_expert_tensor_parallelism, m.use_residual = name, False, False
-        if ep_size > 1:
-            parallelize_experts_(m, ep_group, ep_size)
-        for p in m.experts.parameters():
-            p.allreduce, p.group_name = False, name  # reduced over the expert-data-parallel group only
-        m.register_state_dict_post_hook(_state_dict_post_hook)
-        m.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
-
+from .ds_moe import adopt_moe_
 
 # ---------------------------------------------------------------- engine adapter
 class DeepSpeedEngine:
@@ -135,7 +77,7 @@ class DeepSpeedEngine:
             key = p.group_name if ds_groups.is_expert(p) else ""
             group = ds_groups.replica_group_of(p)
             replicas.setdefault(key, (group, []))[1].append((name, p))
-        replicas[""][1].extend((n, b) for n, b in self.module.named_buffers() if n.endswith("score_bias"))
+        replicas[""][1].extend(checkpoint.state_buffers(self.module))
         guards.check(replicas, iter_num, self.engine.device)
 
     def topology(self) -> dict:
@@ -294,20 +236,14 @@ def set_group_timeout(timeout: datetime.timedelta):
 
 def run(m: GPTConfig, t: TrainConfig, given: frozenset = frozenset()) -> int:
     """Run a DeepSpeed training; return the process's exit code (the entry point ends the process with shutdown)."""
-    from .trainer import Diverged, train
+    from .trainer import train
     try:
         train(m, t, make_engine_factory(m, t), given)
         return 0
-    except ConfigError as e:
-        launch_env.report_error(e)
-        return 2
-    except (Diverged, guards.ReplicasDiverged, grad_order.ReductionOrderMismatch) as e:
-        launch_env.report_error(e)  # nothing of the bad state was saved
-        return 3
-    except OSError as e:  # a disk that fills or goes away mid-run: one line, not a traceback
-        launch_env.report_error(launch_env.os_error_line(e))
-        return 1
     except BaseException as e:
+        status = launch_env.exit_status(e)
+        if status is not None:
+            return status
         line = launch_env.collective_failure(str(e), launch_env.distributed_frames(e), t.dist_timeout)
         if line is None:  # not another rank's failure: a bug, whose traceback is the report
             import traceback
