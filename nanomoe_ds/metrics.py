@@ -153,8 +153,16 @@ class JsonlSink:
         self.cut = _ends_mid_line(self.path)
 
     def log(self, record: dict):
-        with open(self.path, "a") as f:  # open per record: the file is complete whenever the run stops
-            f.write(("\n" if self.cut else "") + json.dumps(record) + "\n")
+        data = (("\n" if self.cut else "") + json.dumps(record) + "\n").encode()
+        with open(self.path, "ab", buffering=0) as f:  # open per record: the file is complete whenever the run stops
+            start = f.seek(0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(data):  # a raw write may take part of the line before the disk fills
+                    written += f.write(data[written:])
+            except OSError:
+                f.truncate(start)  # a full disk took part of the line: give it back, so the file stays whole
+                raise
         self.cut = False
 
     def close(self, failed: bool):

@@ -216,3 +216,33 @@ def test_a_line_cut_by_a_full_disk_is_ended_and_skipped_by_readers(tmp_path):
     train, _ = read_run(str(tmp_path))
     assert [(r["iter"], r["loss"]) for r in train] == [(0, 2.0), (1, 1.5), (2, 1.25)]
     assert last_record(str(tmp_path))[0] == {"iter": 2, "loss": 1.25}
+
+
+def test_a_record_the_disk_cannot_hold_leaves_metrics_jsonl_whole(tmp_path):
+    """On a full tmpfs the write fails (the run then stops in one line) and takes back what part of the
+    line it wrote: the file ends with the previous record."""
+    script = f"""
+mount -t tmpfs -o size=8k tmpfs {tmp_path}
+{sys.executable} - <<'PY'
+import errno, json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+from nanomoe_ds.metrics import JsonlSink
+sink = JsonlSink({str(tmp_path)!r})
+sink.log({{"iter": 0, "loss": 2.0}})
+with open(os.path.join({str(tmp_path)!r}, "ballast"), "wb") as f:  # fill the disk but a few bytes
+    try:
+        f.write(b"x" * 65536)
+    except OSError:
+        pass
+try:
+    sink.log({{"iter": 1, "loss": 1.5, "note": "y" * 8192}})
+    print("written")
+except OSError as e:
+    print("refused", errno.errorcode[e.errno])
+print(repr(open(sink.path).read()))
+PY
+"""
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-euc", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["refused ENOSPC", repr(json.dumps({"iter": 0, "loss": 2.0}) + "\n")]
