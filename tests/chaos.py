@@ -323,6 +323,7 @@ class Chaos:
         self.notes = list(notes)
         self.starts = 0
         self.episodes = 0
+        self.misses: dict[int, int] = {}  # fault number -> times a completed run left it undone
         self.ro_reader, why = can_unshare()
         self.strace = shutil.which("strace") is not None
         if not self.ro_reader:
@@ -398,7 +399,10 @@ class Chaos:
 
     # ---------------------------------------------------------- drawing
     def draw(self, n: int) -> Fault:
-        rng = random.Random(f"{self.opts.seed}/{self.topo}/{n}")
+        # A fault that a completed run left undone is drawn again from a stream of its own: the same
+        # draw would miss again (a delay longer than a start under less load than the reference's).
+        attempt = self.misses.get(n, 0)
+        rng = random.Random(f"{self.opts.seed}/{self.topo}/{n}" + (f"/{attempt}" if attempt else ""))
         kind = rng.choice(self.kinds)
         trigger = rng.choice(TRIGGERS[kind])
         params = {"u": rng.random(), "save_delay": rng.uniform(0, 0.03), "hold": rng.uniform(0.5, 3.0),
@@ -898,7 +902,8 @@ class Chaos:
             if not done:
                 continue  # the same command again
             if pending is not None and pending.kind != "bitflip":
-                n -= 1  # completed with faults to go: the next episode draws this one again, in a fresh out_dir
+                self.misses[pending.n] = self.misses.get(pending.n, 0) + 1
+                n -= 1  # completed with faults to go: the next episode draws this one anew, in a fresh out_dir
                 pending, count = None, n
             elif pending is None and n < count:
                 peek = self.draw(n + 1)
