@@ -87,16 +87,7 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     for key, value, ours in (("lr", t.learning_rate, "learning_rate"), ("betas", [t.beta1, t.beta2], "beta1/beta2"),
                              ("weight_decay", t.weight_decay, "weight_decay")):
         _fill(params, key, value, ours, where="optimizer.params.")
-    sched = ds.pop("scheduler", None)
-    if sched is not None:
-        if sched.get("type") != "WarmupCosineLR":
-            raise ConfigError(f"scheduler type '{sched.get('type')}' is not supported; use WarmupCosineLR "
-                              "(nanoGPT's warmup + cosine) or remove the block")
-        sp = sched.get("params", {})
-        for key, value, ours in (("total_num_steps", t.lr_decay_iters, "lr_decay_iters"),
-                                 ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
-                                 ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
-            _fill(sp, key, value, ours, where="scheduler.params.")
+    _check_scheduler(ds.pop("scheduler", None), t)
     dtype = json_dtype(ds)
     precision.check(dtype, device_kind, support, source="the DeepSpeed JSON")
     if t.dtype not in ("auto", dtype):
@@ -115,6 +106,20 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
         # DeepSpeed asserts these for MoE parameter groups.
         ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
     return ds
+
+
+def _check_scheduler(sched: dict | None, t: TrainConfig):
+    """A WarmupCosineLR block must agree with nanoGPT's schedule, which the trainer drives on both paths."""
+    if sched is None:
+        return
+    if sched.get("type") != "WarmupCosineLR":
+        raise ConfigError(f"scheduler type '{sched.get('type')}' is not supported; use WarmupCosineLR "
+                          "(nanoGPT's warmup + cosine) or remove the block")
+    sp = sched.get("params", {})
+    for key, value, ours in (("total_num_steps", t.lr_decay_iters, "lr_decay_iters"),
+                             ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
+                             ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
+        _fill(sp, key, value, ours, where="scheduler.params.")
 
 
 # DeepSpeed's activation-checkpointing options that work only where model code calls
