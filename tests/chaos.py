@@ -59,6 +59,7 @@ import psutil  # noqa: E402
 
 from conftest import tiny_args  # noqa: E402
 from dist_utils import ds_json, free_port, loopback_env  # noqa: E402
+from nanomoe_ds import metrics  # noqa: E402
 
 KINDS = ("kill", "term", "usr1", "diskfull", "writer", "reader", "bitflip")  # the faults 1..7
 TRIGGERS = {"kill": ("delay", "iter", "save"), "term": ("delay", "iter", "save"), "usr1": ("delay", "iter", "save"),
@@ -227,13 +228,7 @@ class MetricsTail:
         self.offset += len(data)
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return metrics.records(lines)
 
 
 def lock_holders(inodes: set[int]) -> set[int]:
