@@ -14,7 +14,8 @@ gradients would belong to another computation:
   - so the all-to-all split sizes of expert parallelism are the same too, and every rank
     recomputes its blocks in the same backward order, so the exchanges pair up.
 Blocks record nothing themselves: an MoE block returns its routing record (aux terms,
-load, statistics) and GPT.forward keeps it, outside the checkpoint. So the recompute has no
+load, statistics) and GPT.forward collects it into its report, outside the checkpoint, in
+the forward only. So the recompute has no
 side effects to repeat, and torch.compile captures a checkpointed block whole: a dense one,
 or an MoE one on the grouped_mm kernel (loop and bmm read their counts on the host, so
 dynamo runs such a block eagerly).

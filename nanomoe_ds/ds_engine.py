@@ -37,8 +37,8 @@ class DeepSpeedEngine:
         self.clip_ourselves = clip_ourselves
         self.ordering = ordering  # the ZeRO reduction's fixed order (grad_order.py); None where already ordered
 
-    def forward(self, x, y):
-        return self.engine(x, y)
+    def forward(self, x, y, **kwargs):
+        return self.engine(x, y, **kwargs)  # DeepSpeed's forward passes keywords on to the module
 
     def backward(self, loss):
         self.engine.backward(loss)

@@ -24,7 +24,9 @@ class Engine(Protocol):
     device: str
     compute_dtype: torch.dtype
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(self, x: torch.Tensor, y: torch.Tensor, **kwargs) -> tuple:
+        """The module's forward: (logits, loss), and its ForwardReport with report=True (model.py);
+        keyword arguments go to the module as they are."""
 
     def backward(self, loss: torch.Tensor) -> None: ...
 

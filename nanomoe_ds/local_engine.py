@@ -43,9 +43,9 @@ class LocalEngine:
         self.forward_module = torch.compile(model) if t.compile else model
         self.micro_batches = t.gradient_accumulation_steps  # one rank: nothing to fit
 
-    def forward(self, x, y):
+    def forward(self, x, y, **kwargs):
         with self.ctx:
-            return self.forward_module(x, y)
+            return self.forward_module(x, y, **kwargs)  # compiled or not: torch.compile passes keywords on
 
     def backward(self, loss):
         self.scaler.scale(loss / self.micro_batches).backward()

@@ -94,17 +94,19 @@ class RoutingTally:
     """
 
     def __init__(self, layers: list):
-        self.layers = layers
+        self.layers = layers  # read in `reduce` only, for each router's score_bias (bias_spread)
         # per layer: [counts (E) | dropped, assignments, aux_loss sum, z_loss sum]
         self.sums = None
 
-    def add(self):
-        """After a training micro-batch's forward: add what each layer recorded (no host sync)."""
+    def add(self, routings: list):
+        """After a training micro-batch's forward: add its per-layer Routing records (the forward's
+        ForwardReport.routings, in layer order; no host sync)."""
         rows = []
-        for layer in self.layers:
-            counts, dropped, assignments = layer.last_routing
-            extra = torch.tensor([float(dropped), float(assignments)], dtype=torch.float64, device=counts.device)
-            aux = torch.stack([layer.aux_loss.detach().double(), layer.z_loss.detach().double()])
+        for routing in routings:
+            counts = routing.kept
+            extra = torch.tensor([float(routing.dropped), float(routing.assignments)], dtype=torch.float64,
+                                 device=counts.device)
+            aux = torch.stack([routing.aux_loss.detach().double(), routing.z_loss.detach().double()])
             rows.append(torch.cat([counts.double(), extra, aux]))
         step = torch.stack(rows)
         self.sums = step if self.sums is None else self.sums + step

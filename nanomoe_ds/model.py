@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -80,6 +81,20 @@ def fused_adamw_supported(device_type: str) -> bool:
     return "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
 
 
+class ForwardReport(NamedTuple):
+    """What a forward did besides its logits and loss (GPT.forward with report=True), for the loop's
+    logs and aux-loss-free balancing. Returned, not kept on the model: a forward changes no state."""
+
+    ce: torch.Tensor | None  # cross-entropy, detached (None without targets)
+    aux_loss: torch.Tensor | None  # Switch loss, mean over MoE layers, detached (training with targets only)
+    z_loss: torch.Tensor | None  # router z-loss, the same way
+    routings: list[Routing]  # one per MoE layer, in block order (aux terms with their graphs)
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -101,7 +116,6 @@ class GPT(nn.Module):
         self._moe_layers = [m for m in self.modules() if isinstance(m, MoE)]
         for m in self._moe_layers:
             init_moe_(m, cfg.n_layer)
-        self.last_losses: dict = {}
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -125,40 +139,48 @@ class GPT(nn.Module):
                 n -= per_expert * (m.experts.num_experts - m.k)
         return n
 
-    def forward(self, idx, targets=None):
-        """Returns (logits, loss).
+    def forward(self, idx, targets=None, report: bool = False):
+        """Returns (logits, loss), or (logits, loss, ForwardReport) with report=True.
 
         While training, loss = cross-entropy + the MoE auxiliary terms. In eval
-        mode it is the pure cross-entropy. `self.last_losses` keeps the detached
-        parts for logging.
+        mode it is the pure cross-entropy. The report carries the detached parts
+        for logging and each MoE layer's Routing; without it the caller (sampling,
+        eval) gets the plain pair.
         """
         device = idx.device
         b, t = idx.size()
         assert t <= self.config.block_size, f"sequence of {t} exceeds block_size {self.config.block_size}"
         pos = torch.arange(0, t, dtype=torch.long, device=device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        routings = []  # collected here, outside the blocks: a recomputed block (activation checkpointing) adds none
         for block in self.transformer.h:
             x, routing = block(x)
             if routing is not None:
-                block.mlp.record(routing)
+                routings.append(routing)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position
-        logits = self.lm_head(x)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            logits, loss, ce, aux, z = self.lm_head(x[:, [-1], :]), None, None, None, None  # only the last position
+        else:
+            logits = self.lm_head(x)
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            loss, aux, z = self._with_router_losses(ce, routings)
+        if not report:
+            return logits, loss
+        return logits, loss, ForwardReport(_detached(ce), _detached(aux), _detached(z), routings)
+
+    def _with_router_losses(self, ce: torch.Tensor, routings: list[Routing]):
+        """(loss, aux, z): ce plus the MoE layers' mean aux terms while training; aux and z are None otherwise."""
+        if not (self.training and routings):
+            return ce, None, None
+        aux = torch.stack([r.aux_loss for r in routings]).mean()
+        z = torch.stack([r.z_loss for r in routings]).mean()
         loss = ce
-        self.last_losses = {"ce": ce.detach()}
-        moes = self.moe_layers()
-        if self.training and moes:
-            aux = torch.stack([m.aux_loss for m in moes]).mean()
-            z = torch.stack([m.z_loss for m in moes]).mean()
-            # A term whose coefficient is 0 is logged, not added: it has no graph (MoE._aux_terms)
-            # and 0 * inf would turn the loss into NaN.
-            for coef, term in ((self.config.aux_loss_coef, aux), (self.config.z_loss_coef, z)):
-                if coef:
-                    loss = loss + coef * term
-            self.last_losses.update(aux_loss=aux.detach(), z_loss=z.detach())
-        return logits, loss
+        # A term whose coefficient is 0 is logged, not added: it has no graph (MoE._aux_terms)
+        # and 0 * inf would turn the loss into NaN.
+        for coef, term in ((self.config.aux_loss_coef, aux), (self.config.z_loss_coef, z)):
+            if coef:
+                loss = loss + coef * term
+        return loss, aux, z
 
     def crop_block_size(self, block_size: int):
         assert block_size <= self.config.block_size

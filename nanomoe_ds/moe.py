@@ -171,7 +171,8 @@ class GroupedExperts(nn.Module):
 
 
 class Routing(NamedTuple):
-    """What one forward of an MoE layer did besides its output (MoE.forward returns it, MoE.record keeps it)."""
+    """What one forward of an MoE layer did besides its output: MoE.forward returns it and GPT.forward
+    passes it on in its ForwardReport (model.py), to the loss, the logs and the bias update."""
 
     aux_loss: torch.Tensor | None  # Switch load-balancing loss (training only)
     z_loss: torch.Tensor | None  # router z-loss (training only)
@@ -194,9 +195,11 @@ class MoE(nn.Module):
         self.shared_mlp = (MLP(cfg.n_embd, cfg.num_shared_experts * cfg.expert_hidden, cfg.bias,
                                gelu_variant=cfg.activation) if cfg.num_shared_experts else None)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.aux_loss = self.z_loss = None  # set by each training forward
-        self.last_routing = None  # (kept tokens per expert, dropped, all assignments) of the last forward
-        # Token counts per expert since the last bias update (aux-loss-free balancing).
+        # Kept by `record` only, for a layer driven on its own (tests, bench.py); GPT.forward returns
+        # the Routing instead, and the trainer sums the load it balances on.
+        self.aux_loss = self.z_loss = None
+        self.last_routing = None  # (kept tokens per expert, dropped, all assignments) of the last recorded forward
+        # Token counts per expert recorded since the last bias update (aux-loss-free balancing).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
 
     def capacity_factor(self) -> float:
@@ -206,10 +209,10 @@ class MoE(nn.Module):
         return c.eval_capacity_factor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        """[B, T, C] -> (output, what the routing did), changing no state. The caller keeps the Routing
-        with `record` (GPT.forward does, after its blocks): a block that activation checkpointing
-        recomputes in backward is then free of side effects (it records nothing twice, and
-        torch.compile can capture it with its checkpoint)."""
+        """[B, T, C] -> (output, what the routing did), changing no state. GPT.forward collects the
+        Routing after its blocks: a block that activation checkpointing recomputes in backward is
+        then free of side effects (it reports nothing twice, and torch.compile can capture it with
+        its checkpoint)."""
         B, T, C = x.shape
         xt = x.reshape(-1, C)
         with record_function("moe.router+permute"):  # named ranges for --profile (a few µs without one)
@@ -246,8 +249,9 @@ class MoE(nn.Module):
         return aux_loss, z_loss
 
     def record(self, routing: Routing):
-        """Keep one forward's routing: the aux terms for the loss, the load for bias balancing (training
-        only), and what the routing statistics are derived from."""
+        """Keep one forward's routing on the layer: the aux terms, the load for `update_bias` (training
+        only) and what `stats` derives. For a layer driven on its own (tests, bench.py); GPT.forward
+        records nothing and returns the Routing in its report."""
         if self.training:
             self.aux_loss, self.z_loss = routing.aux_loss, routing.z_loss
             self.load += routing.routed
@@ -255,12 +259,16 @@ class MoE(nn.Module):
 
     @property
     def stats(self) -> dict:
-        """Routing statistics of the last forward, derived only when someone logs them."""
+        """Routing statistics of the last recorded forward, derived only when someone reads them."""
         return routing_stats(*self.last_routing)
 
     @torch.no_grad()
     def update_bias(self, rate: float, load: torch.Tensor | None = None):
-        """After an optimizer step: raise under-loaded experts' bias and lower over-loaded ones' (sign rule)."""
+        """After an optimizer step: raise under-loaded experts' bias and lower over-loaded ones' (sign rule).
+
+        `load`: routed tokens per expert since the last update (the trainer's sum over micro-batches and
+        ranks); None takes the load `record` kept.
+        """
         load = (self.load if load is None else load).float()
         err = load.mean() - load  # all zero when nothing was routed: sign 0, no change (and no host read)
         self.router.score_bias += rate * torch.sign(err).to(self.router.score_bias)

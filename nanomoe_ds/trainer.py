@@ -223,33 +223,47 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
     anyway, so every rank stops (and saves) at the same step boundary. All three reach
     the host in one copy (to_host).
     """
-    model = engine.module
+    balancing = engine.module.config.bias_update_rate > 0
     parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
+    routed = []  # per micro-batch [layers, E] assignments the router made: the load the biases balance
     for micro in micro_ids:
         x, y = batches.get("train", iter_num, micro)
         with record_function("forward"):  # named ranges for --profile (a few µs without one)
-            _, loss = engine.forward(x, y)
+            _, loss, report = engine.forward(x, y, report=True)
         with record_function("backward"):
             engine.backward(loss)
-        ll = model.last_losses
-        zero = torch.zeros((), device=loss.device)
-        parts.append(torch.stack([loss.detach().float(), ll["ce"].float(), ll.get("aux_loss", zero).float(),
-                                  ll.get("z_loss", zero).float()]))
+        parts.append(loss_parts(loss, report))
+        if balancing and report.routings:  # a dense model routes nothing
+            routed.append(torch.stack([routing.routed for routing in report.routings]))
         if tally is not None:
-            tally.add()
+            tally.add(report.routings)
     with record_function("optimizer"):
         grad_norm = engine.step(lr)
-    layers = model.moe_layers()
-    if model.config.bias_update_rate > 0 and layers:  # one all-reduce for every layer's load (a dense model has none)
-        loads = engine.all_reduce(torch.stack([layer.load for layer in layers]))
-        for layer, load in zip(layers, loads):
-            layer.update_bias(model.config.bias_update_rate, load)
+    if routed:
+        update_router_biases(engine, torch.stack(routed).sum(0))
     device = parts[0].device
     stop_flag = torch.tensor([float(stop_asked())], dtype=torch.float64).to(device, non_blocking=True)
     reduced = engine.all_reduce(torch.cat([torch.stack(parts).double().sum(0), stop_flag]))
     norm = grad_norm.detach().double().view(1).to(device) if grad_norm is not None else reduced.new_zeros(1)
     host = to_host(torch.cat([reduced, norm]))
     return host[:4] / engine.micro_batches, None if grad_norm is None else float(host[5]), bool(host[4] > 0)
+
+
+def loss_parts(loss: torch.Tensor, report) -> torch.Tensor:
+    """One micro-batch's [loss, ce, aux, z] on the device; 0 for a term its forward has not (a dense model)."""
+    zero = torch.zeros((), device=loss.device)
+    terms = (report.ce, report.aux_loss, report.z_loss)
+    return torch.stack([loss.detach().float(), *((zero if term is None else term).float() for term in terms)])
+
+
+def update_router_biases(engine: Engine, routed: torch.Tensor):
+    """Aux-loss-free balancing after the step: `routed` [layers, E] is this rank's load over the step's
+    micro-batches; one all-reduce makes it the global batch's, the same on every rank, so the biases
+    stay replicas."""
+    model = engine.module
+    loads = engine.all_reduce(routed)
+    for layer, load in zip(model.moe_layers(), loads):
+        layer.update_bias(model.config.bias_update_rate, load)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

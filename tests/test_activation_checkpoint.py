@@ -36,11 +36,20 @@ def make_pair(**over) -> tuple[GPT, GPT]:
     return plain, recomputed
 
 
-def step(model: GPT, idx: torch.Tensor, seed: int) -> torch.Tensor:
+def step(model: GPT, idx: torch.Tensor, seed: int):
+    """-> (loss, the forward's ForwardReport), after the backward (where a checkpointed block is recomputed)."""
     torch.manual_seed(seed)  # the same jitter and dropout draws for both models
-    _, loss = model(idx, idx)
+    _, loss, report = model(idx, idx, report=True)
     loss.backward()
-    return loss.detach()
+    return loss.detach(), report
+
+
+def assert_same_routing(plain: GPT, a, b):
+    """The two forwards' reports route alike, one record per MoE layer (the recompute adds none)."""
+    assert len(a.routings) == len(b.routings) == len(plain.moe_layers())
+    for ra, rb in zip(a.routings, b.routings):
+        assert torch.equal(ra.routed, rb.routed)
+        assert torch.equal(ra.kept, rb.kept) and ra.dropped == rb.dropped
 
 
 def assert_same_gradients(plain: GPT, recomputed: GPT, atol=1e-6):
@@ -55,13 +64,12 @@ def test_gradients_equal_without_it_on_one_device():
     idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
     calls = []
     recomputed.transformer.h[0].attn.register_forward_hook(lambda *_: calls.append(1))
-    assert step(recomputed, idx, seed=5) == step(plain, idx, seed=5)
+    (loss_b, report_b), (loss_a, report_a) = step(recomputed, idx, seed=5), step(plain, idx, seed=5)
+    assert loss_b == loss_a
     assert len(calls) == 2  # the block really ran again in backward
     assert_same_gradients(plain, recomputed)
-    for a, b in zip(plain.moe_layers(), recomputed.moe_layers()):
-        assert a.last_routing[1] > 0  # capacity dropped tokens: the replay had to drop the same ones
-        assert torch.equal(a.load, b.load)  # counted once, not again by the recompute
-        assert torch.equal(a.last_routing[0], b.last_routing[0])
+    assert all(r.dropped > 0 for r in report_a.routings)  # capacity drops: the replay had to drop the same ones
+    assert_same_routing(plain, report_a, report_b)  # reported once, not again by the recompute
 
 
 @pytest.mark.parametrize("impl, moe_every, backend", [("grouped_mm", 1, "eager"), ("loop", 1, "eager"),
@@ -74,10 +82,10 @@ def test_under_torch_compile(impl, moe_every, backend):
     plain, recomputed = make_pair(moe_impl=impl, moe_every=moe_every or 1, use_moe=moe_every > 0)
     compiled = torch.compile(recomputed, backend=backend)
     idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
-    assert step(compiled, idx, seed=5) == step(plain, idx, seed=5)
+    (loss_b, report_b), (loss_a, report_a) = step(compiled, idx, seed=5), step(plain, idx, seed=5)
+    assert loss_b == loss_a
     assert_same_gradients(plain, recomputed)
-    for a, b in zip(plain.moe_layers(), recomputed.moe_layers()):
-        assert torch.equal(a.load, b.load)
+    assert_same_routing(plain, report_a, report_b)
 
 
 def test_state_dict_keys_and_eval_unchanged():
@@ -113,11 +121,11 @@ def ep_worker(rank, out_path):
         for layer in model.moe_layers():
             parallelize_experts_(layer, dist.group.WORLD, WORLD)
     idx = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(10 + rank))
-    losses = [step(plain, idx, seed=7 + rank), step(recomputed, idx, seed=7 + rank)]
+    (loss_a, report_a), (loss_b, report_b) = step(plain, idx, seed=7 + rank), step(recomputed, idx, seed=7 + rank)
+    losses = [loss_a, loss_b]
     assert losses[0] == losses[1], losses
     assert_same_gradients(plain, recomputed)
-    for a, b in zip(plain.moe_layers(), recomputed.moe_layers()):
-        assert torch.equal(a.load, b.load)
+    assert_same_routing(plain, report_a, report_b)
     torch.save(losses, f"{out_path}.{rank}")
 
 
