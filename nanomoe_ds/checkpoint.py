@@ -71,6 +71,15 @@ def adamw_step(step: int, param: torch.Tensor, group: dict) -> torch.Tensor:
     return torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
+def ensure_adamw_state(state: dict, tensor: torch.Tensor, step: int, group: dict):
+    """AdamW's state for `tensor` (a parameter, or a ZeRO rank's flat fp32 partition), made as torch makes it
+    at its first step, so that a restore can read into it: both moments, and the step. The one place that
+    creates it, for every engine."""
+    for kind in MOMENTS:
+        state.setdefault(kind, torch.zeros_like(tensor, memory_format=torch.preserve_format))
+    state["step"] = adamw_step(step, tensor, group)
+
+
 def rng_state() -> dict:
     """This process's RNG states; on CUDA, only its current device's (each rank has its own)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

@@ -202,10 +202,7 @@ def _ensure_state(optimizer, step: int):
     """AdamW creates its state at the first step; a resume writes into it before that."""
     inner = _inner(optimizer)
     for group, flat in _flat_partitions(optimizer):
-        state = inner.state[flat]
-        for key in MOMENTS:
-            state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
-        state["step"] = checkpoint.adamw_step(step, flat, group)
+        checkpoint.ensure_adamw_state(inner.state[flat], flat, step, group)
 
 
 def _flat_partitions(optimizer):

@@ -106,9 +106,8 @@ class LocalEngine:
         if ckpt.has(checkpoint.tensor_key(checkpoint.MOMENTS[0], params[0][0])):
             group = self.optimizer.param_groups[0]  # fused or not: the same for every group
             for n, p in params:
-                self.optimizer.state[p] = {"step": checkpoint.adamw_step(ckpt.meta["optimizer_step"], p, group)}
+                checkpoint.ensure_adamw_state(self.optimizer.state[p], p, ckpt.meta["optimizer_step"], group)
                 for kind in checkpoint.MOMENTS:
-                    self.optimizer.state[p][kind] = torch.empty_like(p)
                     ckpt.read_into(checkpoint.tensor_key(kind, n), 0, self.optimizer.state[p][kind].view(-1))
         scale = ckpt.meta.get("loss_scale")
         if scale is not None and self.scaler.is_enabled():  # from another engine: its scale only
