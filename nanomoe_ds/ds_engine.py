@@ -173,7 +173,9 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     t.ep_size, fitted = fit_ep_size(t.ep_size, world, m.num_experts)  # e.g. an elastic restart on fewer ranks
     if fitted and dist.get_rank() == 0:
         print(fitted, flush=True)
-    reconcile_for(ds_cfg, m, t, world)  # refuse a contradiction now, before the model is built
+    # Refuse a contradiction now, before the model is built; the factory reconciles again with the configs a
+    # resume settles (resume.py).
+    reconcile_for(ds_cfg, m, t, fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)[0], world)
 
     def factory(model: GPT, train_cfg: TrainConfig) -> DeepSpeedEngine:
         # train_cfg, not t: a resume may have taken the run's batch and seed from its checkpoint (resume.py)
@@ -181,7 +183,7 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
         micro_batches, changed = fit_accumulation(train_cfg.gradient_accumulation_steps, world, train_cfg.batch_size)
         if changed and dist.get_rank() == 0:
             print(changed, flush=True)
-        final_cfg, clip_ourselves = reconcile_for(ds_cfg, model.config, train_cfg, world, say=True)
+        final_cfg, clip_ourselves = reconcile_for(ds_cfg, model.config, train_cfg, micro_batches, world, say=True)
         if model.config.use_moe:
             adopt_moe_(model, train_cfg.ep_size)
         groups = split_params_into_different_moe_groups_for_optimizer(model.optimizer_groups(train_cfg.weight_decay))
@@ -198,13 +200,13 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     return factory
 
 
-def reconcile_for(ds_cfg: dict, m: GPTConfig, t: TrainConfig, world: int, say: bool = False) -> tuple[dict, bool]:
+def reconcile_for(ds_cfg: dict, m: GPTConfig, t: TrainConfig, micro_batches: int, world: int,
+                  say: bool = False) -> tuple[dict, bool]:
     """The DeepSpeed config these ranks run (ds_config.reconcile), and whether the trainer clips itself.
-    `t.gradient_accumulation_steps` is the request, fitted here to `world`; `say` prints rank 0's notes."""
+    `micro_batches` is t.gradient_accumulation_steps fitted to `world`; `say` prints rank 0's notes."""
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
-    t = dataclasses.replace(t, gradient_accumulation_steps=fit_accumulation(t.gradient_accumulation_steps, world,
-                                                                            t.batch_size)[0])
+    t = dataclasses.replace(t, gradient_accumulation_steps=micro_batches)
     ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
     if t.zero_single_rank_as_stage0:
         ds_cfg, note = drop_idle_zero(ds_cfg, world)

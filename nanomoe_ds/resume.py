@@ -134,14 +134,16 @@ def load_to_resume(engine, ckpt: checkpoint.Checkpoint, may_fall_back: bool, set
 def fall_back(out_dir: str, iteration: int, error: str, may_fall_back: bool, rank: int, set_aside: list) -> int:
     """Rank 0 moves the unreadable iter_`iteration` aside and names the previous committed checkpoint; or,
     when the resume may not fall back or none is left, every rank stops with the error's own advice."""
+    flaw = error.split("; ")[0]  # without the advice to resume from the previous one by hand
+
     def decide() -> tuple[int, str]:
         older = [it for it, _ in checkpoint.committed(out_dir) if it < iteration]
         if not (may_fall_back and older):
             raise checkpoint.CheckpointError(error)
         moved = checkpoint.set_aside(out_dir, iteration)
-        print(f"note: {error.split('; ')[0]}: moved iter_{iteration} aside to {moved.name}; "
-              f"resuming from iter_{older[-1]}", flush=True)
+        print(f"note: {flaw}: moved iter_{iteration} aside to {moved.name}; resuming from iter_{older[-1]}",
+              flush=True)
         return older[-1], moved.name
     previous, moved = rank0_decides(decide, rank)
-    set_aside.append({"iter": iteration, "moved_to": moved, "error": error.split("; ")[0]})
+    set_aside.append({"iter": iteration, "moved_to": moved, "error": flaw})
     return previous

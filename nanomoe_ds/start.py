@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint, launch_env, resume, run_lock
 from .config import ConfigError, GPTConfig, TrainConfig, init_source, is_run_dir, resolve_init_from
-from .consensus import rank0_decides
+from .consensus import first_error, rank0_decides
 from .activation_checkpoint import checkpoint_blocks_
 from .data import check_tokens_fit, choose_vocab, load_meta, resolve_data_dir
 from .model import GPT
@@ -75,14 +75,9 @@ def choose_start(t: TrainConfig) -> tuple[str, int]:
 def check_out_dir_shared(out_dir: str, lock_text: str, rank: int):
     """Every rank reads the lock file rank 0 just wrote; any that can't stops every rank in one line, before
     training (not an eval_interval later, at the first save)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, run_lock.shared_out_dir_problem(out_dir, lock_text, rank))
-    first = next((problem for problem in problems if problem is not None), None)
-    if first is not None:
-        raise ConfigError(first)
+    problem = first_error(run_lock.shared_out_dir_problem(out_dir, lock_text, rank))
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def open_resumed(m: GPTConfig, t: TrainConfig, start: Start
