@@ -10,11 +10,11 @@
 # so one report shows everything. The exit status is the number of failed steps.
 #   1. environment: GPU, driver, torch, deepspeed, what kernels.choose picks here
 #   2. the CUDA-only tests (pytest -k cuda)
-#   3. launch/bench/bench.py on CUDA: dense vs ours (every kernel) vs the seed vs DeepSpeed MoE,
+#   3. bench/bench.py on CUDA: dense vs ours (every kernel) vs the seed vs DeepSpeed MoE,
 #      GPT-2-small width, E=8 top-2 and E=64 top-8 at equal active FLOPs, bf16 and fp32
 #   4. a GPT-2-small-sized MoE (8 experts, top-2) for 40 steps under
 #      `deepspeed --num_gpus 1 ... ds_configs/zero2.json`: tokens/s, MFU, peak memory
-#   4e. launch/bench/bench_engine.py on CUDA, bf16, GPT-2 small: dense vs the FLOP-matched MoE
+#   4e. bench/bench_engine.py on CUDA, bf16, GPT-2 small: dense vs the FLOP-matched MoE
 #      (8 experts top-2, expert_hidden 1536), each as the plain loop, with activation
 #      checkpointing, and under DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2 (stages kept on one GPU),
 #      interleaved in one process: step ratios, tokens/s, MFU, step peak memory
@@ -75,7 +75,7 @@ EOF
 
 step "2. CUDA-only tests" 150 python3 -m pytest -q -rs -s -k cuda -p no:cacheprovider tests/
 
-step "3. MoE layer vs dense (launch/bench/bench.py)" 120 python3 launch/bench/bench.py --device cuda --dtype bf16,fp32 \
+step "3. MoE layer vs dense (bench/bench.py)" 120 python3 bench/bench.py --device cuda --dtype bf16,fp32 \
     --shapes 8x2x3072,64x8x384 --n_embd 768 --tokens 32768 --repeats 10
 
 # A GPT-2-small-sized MoE on random tokens (throughput only: there is no OpenWebText here).
@@ -126,8 +126,8 @@ for run in ("gpt2moe", "local", "compiled"):
           f"MFU {mfu}  peak mem {mem:.1f} GiB  last loss {rows[-1]['loss']:.3f}")
 EOF
 
-step "4e. DeepSpeed vs plain, dense vs FLOP-matched MoE, activation checkpointing (launch/bench/bench_engine.py)" 150 \
-    python3 launch/bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \
+step "4e. DeepSpeed vs plain, dense vs FLOP-matched MoE, activation checkpointing (bench/bench_engine.py)" 150 \
+    python3 bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \
     --variants=plain,plain-ac,zero0,zero1-kept,zero2-kept --steps=15 --warmup=5 --threads=16 --n_layer=12 --n_head=12 \
     --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50304 --expert_hidden=1536 --dropout=0.0
 
@@ -166,7 +166,7 @@ fi
 
 note ""
 step "6. the E=8 layer compiled: the grouped GEMM's bias as an epilogue of the activation, against bmm" 150 \
-    python3 launch/bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --n_embd 768 --tokens 32768 \
+    python3 bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --n_embd 768 --tokens 32768 \
     --variants dense,ours --impls grouped_mm,bmm --repeats 10 --compile
 
 note "failed steps: $FAILED; total $SECONDS s"

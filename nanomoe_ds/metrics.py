@@ -338,7 +338,7 @@ def describe_resume(record: dict) -> str:
 def read_run(out_dir: str) -> tuple[list[dict], list[dict]]:
     """(training-step records, eval records) of out_dir/metrics.jsonl, each in iteration order.
 
-    The one reader for launch/plot.py and the reports in launch/bench/. A resumed run logs
+    The one reader for launch/plot.py and the reports in bench/. A resumed run logs
     the iterations after its checkpoint again: the later record of an iteration wins, since
     that run is the one that went on.
     """

@@ -1,4 +1,4 @@
-"""launch/bench/: the benchmark scripts run and report what ran (their timings are not asserted here)."""
+"""bench/: the benchmark scripts run and report what ran (their timings are not asserted here)."""
 from __future__ import annotations
 
 import re
@@ -23,7 +23,7 @@ def table_rows(out: str, name: str) -> list[list[str]]:
 
 
 def test_bench_engine_reports_the_stage_that_ran():
-    out = run_script("launch/bench/bench_engine.py", "--steps=1", "--warmup=0", "--models=moe-10x2",
+    out = run_script("bench/bench_engine.py", "--steps=1", "--warmup=0", "--models=moe-10x2",
                      "--variants=plain,zero2,zero2-kept,plain-ac", "--n_layer=2")
     (_, plain, zero2, kept, ac), *throughput = table_rows(out, "moe-10x2")
     assert re.fullmatch(r"[\d.]+ ms \([\d.]+ MiB\)", plain), plain
@@ -37,13 +37,13 @@ def test_bench_engine_reports_the_stage_that_ran():
 
 
 def test_bench_step_times_every_variant():
-    out = run_script("launch/bench/bench_step.py", "--steps=1", "--warmup=0", "--n_layer=2")
+    out = run_script("bench/bench_step.py", "--steps=1", "--warmup=0", "--n_layer=2")
     for name in ("dense", "moe-10x2", "moe-8x2-h256"):
         assert float(table_rows(out, name)[0][2]) > 0
 
 
 def test_bench_layer_times_each_kernel_and_the_parts_of_a_layer():
-    out = run_script("launch/bench/bench.py", "--shapes=4x2x64", "--tokens=64", "--n_embd=32", "--dtype=fp32",
+    out = run_script("bench/bench.py", "--shapes=4x2x64", "--tokens=64", "--n_embd=32", "--dtype=fp32",
                      "--variants=dense,ours", "--impls=grouped_mm,loop", "--repeats=1", "--parts")
     rows = table_rows(out, "4x2x64        ")
     assert [row[2] for row in rows] == ["dense", "ours (auto: bmm)", "ours grouped_mm", "ours loop"]

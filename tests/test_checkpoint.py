@@ -476,11 +476,11 @@ def test_a_staging_directory_missing_on_a_rank_says_the_out_dir_is_not_shared(tm
 
 # ------------------------------------------------------------ memory: a rank holds its share, never the whole
 def test_no_rank_holds_more_than_its_share_during_a_save_or_a_resharded_load(tmp_path):
-    """Real ranks (launch/bench/bench_ckpt.py's): a 19M-parameter MoE saved at 2 ranks (ZeRO-2, ep_size 2) and
+    """Real ranks (bench/bench_ckpt.py's): a 19M-parameter MoE saved at 2 ranks (ZeRO-2, ep_size 2) and
     loaded at 4. Each rank's resident memory may grow by at most 1.25x its share of the state (12 bytes per
     parameter / world) plus 24 MiB; gathering whole tensors, as the format before this one did, adds the whole
     state (226 MiB) to every rank and fails this."""
-    r = subprocess.run([sys.executable, "launch/bench/bench_ckpt.py", "--worlds", "2", "--load_worlds", "4",
+    r = subprocess.run([sys.executable, "bench/bench_ckpt.py", "--worlds", "2", "--load_worlds", "4",
                         "--json", str(tmp_path / "runs.json"), "--timeout", "400", "--n_layer=2", "--n_embd=384",
                         "--n_head=4", "--vocab_size=512"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -374,7 +374,7 @@ def render() -> str:
               "  (another activation_function, n_inner, layer_norm_epsilon): they need a dense source; tested",
               "  in-process in tests/test_upcycle.py and tests/test_model.py;",
               "- a GPT-2 name with no network and no cache: tested in-process in tests/test_model.py;",
-              "- the benchmark scripts' argument checks (launch/bench/*.py), which are not part of training.", "",
+              "- the benchmark scripts' argument checks (bench/*.py), which are not part of training.", "",
               "Stops during training, exit status 3 and nothing of the bad state saved (not input errors, so not",
               "in the table): a non-finite loss or gradient norm (tests/test_checkpoint.py); replicas of a weight that",
               "differ between ranks, and ranks that reduced their gradients in different orders",

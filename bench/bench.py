@@ -15,10 +15,10 @@ Peak memory is the largest extra allocation during one forward+backward above wh
 live before it (so parameters and the input are not counted, their gradients are): from
 torch.cuda.max_memory_allocated on CUDA, from the profiler's allocation events on CPU.
 
-    python launch/bench/bench.py                                # everything, CPU, 2 threads
-    python launch/bench/bench.py --shapes 64x8x192 --dtype bf16 --variants dense,ours --profile
-    python launch/bench/bench.py --shapes 8x2x256 --tokens 768 --n_embd 128 --dtype fp32 --variants dense,ours --parts
-    python launch/bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --variants dense,ours --compile
+    python bench/bench.py                                # everything, CPU, 2 threads
+    python bench/bench.py --shapes 64x8x192 --dtype bf16 --variants dense,ours --profile
+    python bench/bench.py --shapes 8x2x256 --tokens 768 --n_embd 128 --dtype fp32 --variants dense,ours --parts
+    python bench/bench.py --device cuda --dtype bf16 --shapes 8x2x3072 --variants dense,ours --compile
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository
 
 import torch
 import torch.nn as nn

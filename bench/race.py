@@ -11,8 +11,8 @@
    plot both curves into <out_dir>/race.png.
 
     python data/shakespeare_char/prepare.py                # once
-    python launch/bench/race.py                                  # about 6 minutes on 2 cores
-    python launch/bench/race.py --max_iters=500 --eval_interval=100   # a quick look
+    python bench/race.py                                  # about 6 minutes on 2 cores
+    python bench/race.py --max_iters=500 --eval_interval=100   # a quick look
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository
 
 from bench_step import SEED_LINE, VARIANTS, build_all, time_steps  # noqa: E402
 from nanomoe_ds.metrics import read_run  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The seed's CPU command (README "The seed's CPU run"); bench_step's SEED_LINE is its model part.
 TRAIN_LINE = SEED_LINE + ["--log_interval=50"]  # logging routing statistics costs the MoE time
 

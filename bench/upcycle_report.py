@@ -1,6 +1,6 @@
 """Summarise runs started from a dense model: val loss against iterations and wall time, expert spread, load.
 
-    python launch/bench/upcycle_report.py OUT_DIR [OUT_DIR ...] [--ckpts DIR]
+    python bench/upcycle_report.py OUT_DIR [OUT_DIR ...] [--ckpts DIR]
 
 For each out_dir: the median step time, and every eval's val loss with the iteration and
 the summed step time (evals included) so far, and the mean load statistics of the MoE layers over the first and last 100 logged
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanomoe_ds.metrics import read_run  # noqa: E402
 from nanomoe_ds.upcycle import expert_spread  # noqa: E402

@@ -33,10 +33,10 @@ are wrapped with timers:
 and the engine adapter's forward, backward and step are timed, as is the process CPU time
 per step (all threads, summed over the ranks), which waiting does not inflate.
 
-    python launch/bench/bench_ep.py                           # defaults: well under 2 min on 2 CPU cores
-    python launch/bench/bench_ep.py --dtype bf16 --zero zero1 --iters 40
-    python launch/bench/bench_ep.py --mode processes --rounds 2 --iters 15
-    python launch/bench/bench_ep.py --profile 3               # + torch.profiler top ops per ep_size (rank 0)
+    python bench/bench_ep.py                           # defaults: well under 2 min on 2 CPU cores
+    python bench/bench_ep.py --dtype bf16 --zero zero1 --iters 40
+    python bench/bench_ep.py --mode processes --rounds 2 --iters 15
+    python bench/bench_ep.py --profile 3               # + torch.profiler top ops per ep_size (rank 0)
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ranks import free_port, lscpu_model, rank_env, wait_all  # noqa: E402  (the script's own directory is on sys.path)
@@ -437,7 +437,7 @@ def report(a, runs, s1, s2, elapsed: float, load: tuple) -> str:
            f"micro-batch {a.batch_size}, global accum {a.grad_accum}, {a.zero} {a.dtype}")
     verdict = ("met" if ratio <= a.target else f"missed by {ratio - a.target:.2f}x "
                f"({(ratio / a.target - 1) * 100:.0f}% over the target)")
-    cmd = "python launch/bench/bench_ep.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    cmd = "python bench/bench_ep.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     how = ("steps of both engines alternated ABBA in one pair of rank processes" if a.mode == "interleaved" else
            f"nanomoe_ds.trainer.train in fresh processes per run, runs alternated ABBA ({a.rounds} per side)")
     L = [f"## Expert-parallel step time: ep_size=2 vs ep_size=1 ({a.ranks} CPU ranks, gloo, {a.mode})", "",

@@ -36,11 +36,11 @@ The library is imported from this repository, or from $NANOMOE_SRC if set (the r
 it), so the same script measures another tree (e.g. a worktree of the commit before); the bench
 helpers (bench_step, bench_engine) and ds_configs/ always come from this repository:
 
-    python launch/bench/bench_ckpt.py                        # 4 layers, n_embd 768, 8 experts (167M params); 2 and 4 ranks
-    NANOMOE_SRC=/path/to/old/tree python launch/bench/bench_ckpt.py --worlds 2,4
-    python launch/bench/bench_ckpt.py --tiny --worlds 2      # ~1M params, a smoke test (load at 2 ranks: same topology)
-    python launch/bench/bench_ckpt.py --worlds 2 --load_worlds 4 --vocab_size=50304   # --key=value: model/train overrides
-    python launch/bench/bench_ckpt.py --zero 3 --ep_size 1 --use_moe=False          # a dense model under ZeRO-3
+    python bench/bench_ckpt.py                        # 4 layers, n_embd 768, 8 experts (167M params); 2 and 4 ranks
+    NANOMOE_SRC=/path/to/old/tree python bench/bench_ckpt.py --worlds 2,4
+    python bench/bench_ckpt.py --tiny --worlds 2      # ~1M params, a smoke test (load at 2 ranks: same topology)
+    python bench/bench_ckpt.py --worlds 2 --load_worlds 4 --vocab_size=50304   # --key=value: model/train overrides
+    python bench/bench_ckpt.py --zero 3 --ep_size 1 --use_moe=False          # a dense model under ZeRO-3
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = HERE.parent
 SRC = Path(os.environ.get("NANOMOE_SRC") or REPO).resolve()
 sys.path.insert(0, str(SRC))
 import nanomoe_ds  # noqa: E402  a namespace package (no __init__.py): its __path__ follows sys.path, which the
@@ -329,7 +329,7 @@ def main():
     loads = ([int(w) for w in a.load_worlds.split(",")] if a.load_worlds else worlds[1:] + worlds[:1])
     if len(loads) != len(worlds):
         ap.error("--load_worlds needs one entry per --worlds entry")
-    cmd = " ".join(["python launch/bench/bench_ckpt.py"] + [shlex.quote(x) for x in sys.argv[1:]])
+    cmd = " ".join(["python bench/bench_ckpt.py"] + [shlex.quote(x) for x in sys.argv[1:]])
     if os.environ.get("NANOMOE_SRC"):
         cmd = f"NANOMOE_SRC={shlex.quote(os.environ['NANOMOE_SRC'])} {cmd}"
     start = time.time()

@@ -17,10 +17,10 @@ keeps for backward in one forward (the activation memory, counted with saved-ten
 then tokens/s, MFU and, on a GPU, the step's peak memory above what the engines hold. Other
 --key=value arguments override the seed's CPU line for every model.
 
-    python launch/bench/bench_engine.py                       # dense and the seed's MoE, plain vs ZeRO-0/1/2
-    python launch/bench/bench_engine.py --variants plain,zero2,zero2-kept,zero2-unfused --steps 60
-    python launch/bench/bench_engine.py --variants plain,plain-ac,zero2,zero2-ac --block_size=256 --n_layer=8
-    python launch/bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \\
+    python bench/bench_engine.py                       # dense and the seed's MoE, plain vs ZeRO-0/1/2
+    python bench/bench_engine.py --variants plain,zero2,zero2-kept,zero2-unfused --steps 60
+    python bench/bench_engine.py --variants plain,plain-ac,zero2,zero2-ac --block_size=256 --n_layer=8
+    python bench/bench_engine.py --device=cuda --dtype=bf16 --models=dense,moe-8x2-h256 \\
         --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --batch_size=8 --vocab_size=50304 \\
         --expert_hidden=1536          # GPT-2 small and its FLOP-matched MoE (launch/gpu_check.sh)
 """
@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch
@@ -200,7 +200,7 @@ def print_report(args, variants: list[str], rows: list):
     threads = "" if args.device == "cuda" else f"  threads {torch.get_num_threads()}"
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {device_name}{threads}  {args.dtype}, one rank, "
           f"median of {args.steps} interleaved steps")
-    print(f"# {' '.join(['python launch/bench/bench_engine.py'] + sys.argv[1:])}")
+    print(f"# {' '.join(['python bench/bench_engine.py'] + sys.argv[1:])}")
     print("| model | " + " | ".join(variants) + " |")
     print("|---|" + "---:|" * len(variants))
     for model, results, _, _, _ in rows:

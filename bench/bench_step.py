@@ -12,8 +12,8 @@ Default: the nanoGPT-MoE seed's CPU line (4 layers, n_embd 128, block 64, batch 
   moe-8x2-h256   8 experts, top-2, expert_hidden 256: the same active FLOPs as dense;
 and, with --optimizers, each of them again with the foreach (unfused) AdamW.
 
-    python launch/bench/bench_step.py                      # the seed's CPU line, fp32
-    python launch/bench/bench_step.py --dtype=bfloat16 --steps 60
+    python bench/bench_step.py                      # the seed's CPU line, fp32
+    python bench/bench_step.py --dtype=bfloat16 --steps 60
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository
 
 import torch
 
@@ -129,7 +129,7 @@ def main():
 
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {machine_name('cpu')}  threads "
           f"{torch.get_num_threads()}  {args.dtype}  median of {args.steps} interleaved steps")
-    print(f"# {' '.join(['python launch/bench/bench_step.py'] + sys.argv[1:])}")
+    print(f"# {' '.join(['python bench/bench_step.py'] + sys.argv[1:])}")
     print("| variant | params total / active | step ms | x first |")
     print("|---|---|---:|---:|")
     ref = next(iter(step_ms.values()))

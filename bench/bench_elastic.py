@@ -12,8 +12,8 @@ For each --rdzv_conf (torchrun's defaults, and the settings tests/dist_utils.py 
 resume record's redone_iters (work lost since the checkpoint). The tests' agent helpers
 (tests/dist_utils.py) start and kill the nodes, so this measures what the tests run.
 
-    python launch/bench/bench_elastic.py
-    python launch/bench/bench_elastic.py --rdzv_conf "" --rdzv_conf last_call_timeout=5
+    python bench/bench_elastic.py
+    python bench/bench_elastic.py --rdzv_conf "" --rdzv_conf last_call_timeout=5
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tests' torchrun-agent helpers: one way to start and kill a node
 
 from bench import machine_name  # noqa: E402
@@ -115,7 +115,7 @@ def main():
     for r in rows:
         print(f"| `{r['rdzv_conf']}` | {r['detected_s']:.1f} s | {r['resumed_s']:.1f} s | {r['stepping_s']:.1f} s | "
               f"{r['redone_iters']} |")
-    print(f"\nmachine: {machine_name('cpu')}; {datetime.date.today()}; command: python launch/bench/bench_elastic.py "
+    print(f"\nmachine: {machine_name('cpu')}; {datetime.date.today()}; command: python bench/bench_elastic.py "
           + " ".join(sys.argv[1:]))
 
 
