@@ -10,7 +10,7 @@ MASTER_ADDR=127.0.0.1, a free MASTER_PORT, GLOO_SOCKET_IFNAME=lo), one thread ea
         trainer.save(engine, t, TrainState(iter_num=1, ...)) into a fresh out_dir;
   load  the ranks of another world size (--load_worlds; default the next entry of --worlds,
         so 2 -> 4 and 4 -> 2) build the same model and engine, take no step, and restore that
-        checkpoint: trainer.restore(engine, out_dir) where the library has it, else (the code
+        checkpoint: engine.load(checkpoint.open_checkpoint(out_dir)) where the library has it, else (the code
         before issue 17) checkpoint.load(out_dir) and engine.load(out_dir, ckpt), both timed.
         The restored iter_num must be 1. With no step before it, the load itself creates
         this rank's AdamW moments (8 of the share's 12 bytes per parameter): counted in its
@@ -179,17 +179,18 @@ def worker(args, overrides: list[str]):
                               generator=torch.Generator().manual_seed(0)).to(engine.device)
             one_step(engine, FixedBatches(x), lr=1e-4)
             stepped = True
-        api = "trainer.restore" if hasattr(trainer, "restore") else "checkpoint.load + engine.load"
+        from nanomoe_ds import checkpoint
+        sharded = hasattr(checkpoint, "open_checkpoint")  # the sharded format's reader (issue 17 on)
+        api = "engine.load(open_checkpoint)" if sharded else "checkpoint.load + engine.load"
         dist.barrier()
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             if args.phase == "save":
                 trainer.save(engine, train_cfg, trainer.TrainState(1, 9.99, 1.0))
                 state = None
-            elif hasattr(trainer, "restore"):  # the sharded checkpoint's API
-                state = trainer.restore(engine, args.out_dir)
+            elif sharded:
+                state = engine.load(checkpoint.open_checkpoint(args.out_dir))
             else:  # the code before issue 17: ckpt.pt, read by the trainer, then the engine's load
-                from nanomoe_ds import checkpoint
                 ckpt = checkpoint.load(args.out_dir)
                 state = engine.load(args.out_dir, ckpt)
         op_s = time.perf_counter() - t0

@@ -229,7 +229,7 @@ def worker_interleaved(args, train_argv: list[str]):
     """Both ep_sizes in one pair of processes, steps alternated ABBA; each step is the trainer's loop body."""
     _install_timers()
     from nanomoe_ds.config import from_argv
-    from nanomoe_ds.data import Batches, resolve_data_dir, shard
+    from nanomoe_ds.data import Batches, resolve_data_dir
     from nanomoe_ds.ds_engine import make_engine_factory
     from nanomoe_ds.metrics import RoutingTally
     from nanomoe_ds.start import build_model
@@ -250,15 +250,14 @@ def worker_interleaved(args, train_argv: list[str]):
             batches = Batches(resolve_data_dir(t.dataset, t.data_dir), m.block_size, t.batch_size, engine.device,
                               t.seed)
             sides[ep] = dict(engine=engine, model=model, t=t, batches=batches, timers=timers, wall=[], cpu=[],
-                             loss=[], my_micro=shard(t.gradient_accumulation_steps, engine.rank, engine.world_size),
-                             tally=RoutingTally(model.moe_layers()))
+                             loss=[], tally=RoutingTally(model.moe_layers()))
 
         def one_step(s, it):
             """The trainer's own step (trainer.train_step) and its routing log, timed."""
             engine, t = s["engine"], s["t"]
             t0, c0 = time.perf_counter(), time.process_time()
             Recorder.active = s["timers"]  # the step's collectives count for this side
-            losses, _, _ = train_step(engine, s["batches"], t, s["my_micro"], it, get_lr(it, t), lambda: False, s["tally"])
+            losses, _, _ = train_step(engine, s["batches"], it, get_lr(it, t), lambda: False, s["tally"])
             s["tally"].reduce(engine.all_reduce, t.gradient_accumulation_steps, False)  # the trainer logs it
             s["wall"].append((time.perf_counter() - t0) * 1e3)
             s["cpu"].append((time.process_time() - c0) * 1e3)

@@ -80,7 +80,7 @@ class FixedBatches:
 
 def one_step(engine, batches: FixedBatches, lr: float) -> None:
     """The trainer's own step (trainer.train_step): forward, backward, optimizer, the losses' host copy."""
-    train_step(engine, batches, engine.t, [0], 0, lr, lambda: False, None)
+    train_step(engine, batches, 0, lr, lambda: False, None)
 
 
 def build_all(variants: list[str], dtype: str = "float32", optimizers: bool = False,

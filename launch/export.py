@@ -21,12 +21,12 @@ from nanomoe_ds.launch_env import run_script  # noqa: E402
 
 def export(out_dir: str, path: str, iteration: int = -1, weights_only: bool = False) -> str:
     import torch
-    from nanomoe_ds import checkpoint
+    from nanomoe_ds import checkpoint, train_state
     ckpt = checkpoint.open_checkpoint(out_dir, iteration)
     model = checkpoint.model_from_checkpoint(ckpt)
     payload = {"model": model.state_dict(), **{k: ckpt.meta[k] for k in ("model_args", "config", "iter_num")}}
     if not weights_only:
-        moments = {n: {kind: ckpt.whole(checkpoint.tensor_key(kind, n)) for kind in checkpoint.MOMENTS}
+        moments = {n: {kind: ckpt.whole(checkpoint.tensor_key(kind, n)) for kind in train_state.MOMENTS}
                    for n, _ in model.named_parameters() if ckpt.has(checkpoint.tensor_key("exp_avg", n))}
         payload.update({k: ckpt.meta[k] for k in ("best_val_loss", "train_s", "topology") if k in ckpt.meta},
                        optimizer_state={"step": ckpt.meta["optimizer_step"], "moments": moments}, rng=ckpt.rng(0))

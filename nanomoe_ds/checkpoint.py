@@ -29,7 +29,6 @@ import errno
 import io
 import json
 import os
-import random
 import shutil
 import traceback
 import zlib
@@ -41,11 +40,11 @@ import torch
 from .config import CKPT_NAME, ConfigError, GPTConfig, init_source
 from .launch_env import errno_advice
 from .model import GPT
+from .train_state import rng_state
 
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
 RECORD_BYTES = 16 << 20  # a record's size cap: the most a reader holds at once beyond its share
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(ConfigError):
@@ -55,59 +54,6 @@ class CheckpointError(ConfigError):
 def tensor_key(kind: str, name: str) -> str:
     """A tensor's name in the index: kind is "model" (weights, buffers) or an AdamW moment."""
     return f"{kind}/{name}"
-
-
-# ---------------------------------------------------------------- small state
-def state_buffers(model: GPT):
-    """(name, buffer) of the buffers a checkpoint holds: the router biases that aux-loss-free balancing
-    learns. The one rule, for every engine; other buffers (the causal mask) are rebuilt from the config."""
-    return ((name, buffer) for name, buffer in model.named_buffers() if name.endswith("score_bias"))
-
-
-def adamw_step(step: int, param: torch.Tensor, group: dict) -> torch.Tensor:
-    """AdamW's `step` state as torch keeps it: a float32 tensor, on the parameter's device for the fused
-    or capturable kernels, else on the CPU (a restore creates it before AdamW's first step would)."""
-    device = param.device if group.get("fused") or group.get("capturable") else "cpu"
-    return torch.tensor(float(step), dtype=torch.float32, device=device)
-
-
-def ensure_adamw_state(state: dict, tensor: torch.Tensor, step: int, group: dict):
-    """AdamW's state for `tensor` (a parameter, or a ZeRO rank's flat fp32 partition), made as torch makes it
-    at its first step, so that a restore can read into it: both moments, and the step. The one place that
-    creates it, for every engine."""
-    for kind in MOMENTS:
-        state.setdefault(kind, torch.zeros_like(tensor, memory_format=torch.preserve_format))
-    state["step"] = adamw_step(step, tensor, group)
-
-
-def rng_state() -> dict:
-    """This process's RNG states; on CUDA, only its current device's (each rank has its own)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda_device"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if torch.cuda.is_available():
-        if "cuda_device" in state:
-            torch.cuda.set_rng_state(state["cuda_device"])
-        elif len(state.get("cuda", ())) == torch.cuda.device_count():  # ckpt.pt: every device it saw
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def topology(engine: str, world_size: int, ep_size: int, zero_stage: int | None, dtype: str) -> dict:
-    """What a run's layout depends on; recorded in every checkpoint, compared on load."""
-    return {"engine": engine, "world_size": world_size, "ep_size": ep_size, "zero_stage": zero_stage,
-            "dtype": dtype}
-
-
-def describe(topo: dict) -> str:
-    stage = f", ZeRO-{topo['zero_stage']}" if topo["zero_stage"] is not None else ""
-    return f"{topo['engine']} world {topo['world_size']}, ep_size {topo['ep_size']}{stage}, {topo['dtype']}"
 
 
 # ---------------------------------------------------------------- writing

@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, ds_groups
-from .checkpoint import MOMENTS, tensor_key
+from . import checkpoint, ds_groups, train_state
+from .checkpoint import tensor_key
+from .train_state import MOMENTS
 
 
 class DistCollectives:
@@ -148,7 +149,7 @@ def shapes(model, optimizer) -> dict[str, list[int]]:
     """Every tensor the checkpoint holds and its whole shape (rank 0 writes them into the index)."""
     kinds = _kinds(optimizer)
     out = {tensor_key(kind, n): global_shape(p) for n, p in model.named_parameters() for kind in kinds}
-    out.update({tensor_key("model", n): list(b.shape) for n, b in checkpoint.state_buffers(model)})
+    out.update({tensor_key("model", n): list(b.shape) for n, b in train_state.state_buffers(model)})
     return out
 
 
@@ -171,7 +172,7 @@ def owned_pieces(model, optimizer, rank: int):
                 if numel:
                     yield tensor_key(kind, n), base + start, _local(optimizer, p, kind).narrow(0, start, numel)
     if rank == 0:  # the router bias: identical on every rank
-        for n, b in checkpoint.state_buffers(model):
+        for n, b in train_state.state_buffers(model):
             yield tensor_key("model", n), 0, b.detach().view(-1)
 
 
@@ -202,7 +203,7 @@ def _ensure_state(optimizer, step: int):
     """AdamW creates its state at the first step; a resume writes into it before that."""
     inner = _inner(optimizer)
     for group, flat in _flat_partitions(optimizer):
-        checkpoint.ensure_adamw_state(inner.state[flat], flat, step, group)
+        train_state.ensure_adamw_state(inner.state[flat], flat, step, group)
 
 
 def _flat_partitions(optimizer):
@@ -289,7 +290,7 @@ def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
         set_loss_scale(engine, ckpt.meta.get("loss_scale"))
         rng = ckpt.rng(dist.get_rank())
         if rng is not None:  # a rank the saving run did not have keeps its own seeded state
-            checkpoint.set_rng_state(rng)
+            train_state.set_rng_state(rng)
     except Exception as e:  # whatever stopped this rank, the others must not wait for it in the vote below
         failure = e
     # Every rank learns whether all ranks read their share: one rank's corrupt record stops them all now.
@@ -302,5 +303,5 @@ def load(engine, model, ckpt: checkpoint.Checkpoint, topology: dict) -> str:
     if failed.item():
         raise checkpoint.CheckpointError(f"another rank could not read {ckpt.directory} (its error says why)")
     saved = ckpt.meta["topology"]
-    how = "same topology" if saved == topology else f"resharded from {checkpoint.describe(saved)}"
+    how = "same topology" if saved == topology else f"resharded from {train_state.describe(saved)}"
     return f"resuming iteration {ckpt.meta['iter_num']} from {ckpt.directory} ({how})"

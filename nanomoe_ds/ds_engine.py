@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, ds_checkpoint, ds_groups, grad_order, guards, launch_env, precision
+from . import checkpoint, ds_checkpoint, ds_groups, grad_order, guards, launch_env, precision, train_state
 from .ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, json_dtype, load_ds_config, reconcile
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
@@ -77,11 +77,11 @@ class DeepSpeedEngine:
             key = p.group_name if ds_groups.is_expert(p) else ""
             group = ds_groups.replica_group_of(p)
             replicas.setdefault(key, (group, []))[1].append((name, p))
-        replicas[""][1].extend(checkpoint.state_buffers(self.module))
+        replicas[""][1].extend(train_state.state_buffers(self.module))
         guards.check(replicas, iter_num, self.engine.device)
 
     def topology(self) -> dict:
-        return checkpoint.topology("deepspeed", self.world_size, self.t.ep_size, self.engine.zero_optimization_stage(),
+        return train_state.topology("deepspeed", self.world_size, self.t.ep_size, self.engine.zero_optimization_stage(),
                                    str(self.compute_dtype).removeprefix("torch."))
 
     def save(self, out_dir: str, state: dict):

@@ -46,7 +46,7 @@ class Engine(Protocol):
         """Stop every rank if copies of a tensor that must be identical differ (guards.py; a collective)."""
 
     def topology(self) -> dict:
-        """What the state's layout depends on (checkpoint.topology): recorded in checkpoints."""
+        """What the state's layout depends on (train_state.topology): recorded in checkpoints."""
 
     def save(self, out_dir: str, state: dict) -> None: ...
 

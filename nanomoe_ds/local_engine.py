@@ -5,7 +5,7 @@ from contextlib import nullcontext
 
 import torch
 
-from . import checkpoint, precision
+from . import checkpoint, precision, train_state
 from .config import ConfigError, TrainConfig
 from .model import GPT
 
@@ -72,12 +72,12 @@ class LocalEngine:
         pass  # one device: one copy of everything
 
     def topology(self) -> dict:
-        return checkpoint.topology("local", 1, 1, None, str(self.compute_dtype).removeprefix("torch."))
+        return train_state.topology("local", 1, 1, None, str(self.compute_dtype).removeprefix("torch."))
 
     def save(self, out_dir: str, state: dict):
         """The same format as every path: one shard holding every tensor whole."""
         tensors = {checkpoint.tensor_key(kind, n): value.detach()
-                   for kind in ("model", *checkpoint.MOMENTS) for n, value in self._tensors(kind)}
+                   for kind in ("model", *train_state.MOMENTS) for n, value in self._tensors(kind)}
         steps = [int(st["step"]) for st in self.optimizer.state.values() if "step" in st]
         scale = None
         if self.scaler.is_enabled():
@@ -91,7 +91,7 @@ class LocalEngine:
         """(name, tensor) of the weights and router biases (kind "model"), or of an AdamW moment."""
         if kind == "model":
             yield from self.module.named_parameters()
-            yield from checkpoint.state_buffers(self.module)
+            yield from train_state.state_buffers(self.module)
             return
         for n, p in self.module.named_parameters():
             if kind in self.optimizer.state.get(p, {}):
@@ -103,16 +103,16 @@ class LocalEngine:
         for n, value in self._tensors("model"):
             ckpt.read_into(checkpoint.tensor_key("model", n), 0, value.data.view(-1))
         params = list(self.module.named_parameters())
-        if ckpt.has(checkpoint.tensor_key(checkpoint.MOMENTS[0], params[0][0])):
+        if ckpt.has(checkpoint.tensor_key(train_state.MOMENTS[0], params[0][0])):
             group = self.optimizer.param_groups[0]  # fused or not: the same for every group
             for n, p in params:
-                checkpoint.ensure_adamw_state(self.optimizer.state[p], p, ckpt.meta["optimizer_step"], group)
-                for kind in checkpoint.MOMENTS:
+                train_state.ensure_adamw_state(self.optimizer.state[p], p, ckpt.meta["optimizer_step"], group)
+                for kind in train_state.MOMENTS:
                     ckpt.read_into(checkpoint.tensor_key(kind, n), 0, self.optimizer.state[p][kind].view(-1))
         scale = ckpt.meta.get("loss_scale")
         if scale is not None and self.scaler.is_enabled():  # from another engine: its scale only
             self.scaler.load_state_dict(scale.get("torch", {**self.scaler.state_dict(), "scale": scale["scale"]}))
         rng = ckpt.rng(0)
         if rng is not None:
-            checkpoint.set_rng_state(rng)
+            train_state.set_rng_state(rng)
         return ckpt.meta

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch.profiler import record_function
 
-from . import checkpoint, metrics, profiling, resume, run_lock, start
+from . import metrics, profiling, resume, run_lock, start
 from .config import GPTConfig, TrainConfig, to_dict
+from .train_state import TrainState
 from .consensus import rank0_decides
 from .data import Batches, check_data, resolve_data_dir, shard
 from .engine import Engine
@@ -25,39 +26,19 @@ from .local_engine import LocalEngine, resolve_device
 from .preemption import Preemption
 
 
-def train(m: GPTConfig, t: TrainConfig, engine_factory=None, given: frozenset = frozenset()) -> dict:
+def train(model_cfg: GPTConfig, train_cfg: TrainConfig, engine_factory=None, given: frozenset = frozenset()) -> dict:
     """Check, take the run's lock, set up, run the loop, and close the log sinks (flushed even when it fails).
 
     `engine_factory(model, train_cfg)` makes the engine (default: LocalEngine). `given` names
     the keys the user set (preset or command line), which a resume compares with its
     checkpoint (resume.py). Returns the last eval and the train losses (handy for tests).
     """
-    metrics.check_sinks(t)
+    metrics.check_sinks(train_cfg)
     try:
-        begin = start.decide(t, given)
-        return set_up_and_run(m, t, begin, engine_factory)
+        begin = start.decide(train_cfg, given)
+        return set_up_and_run(model_cfg, train_cfg, begin, engine_factory)
     finally:
-        run_lock.release(t.out_dir)
-
-
-@dataclass
-class TrainState:
-    """The loop's state, which a checkpoint carries on beside the engine's tensors."""
-    iter_num: int = 0
-    best_val: float = 1e9
-    # seconds spent in training steps (evaluation and checkpoints excluded), carried across
-    # resumes in the checkpoint: runs compare on it
-    train_s: float = 0.0
-
-    def record(self, model_cfg: GPTConfig, t: TrainConfig) -> dict:
-        """The checkpoint's metadata of the run (the engine adds its tensors' layout: checkpoint.py)."""
-        return {"iter_num": self.iter_num, "best_val_loss": self.best_val, "train_s": self.train_s,
-                "model_args": asdict(model_cfg), "config": to_dict(model_cfg, t)}
-
-    @classmethod
-    def from_record(cls, meta: dict) -> "TrainState":
-        """The one reader of record(); train_s is absent from checkpoints written before it was recorded."""
-        return cls(meta["iter_num"], meta["best_val_loss"], meta.get("train_s", 0.0))
+        run_lock.release(train_cfg.out_dir)
 
 
 @dataclass
@@ -65,7 +46,7 @@ class Loop:
     """What the loop runs with, and its clocks."""
     engine: Engine
     batches: Batches
-    t: TrainConfig
+    train_cfg: TrainConfig
     log: metrics.MetricsLog
     flops_per_token: int
     peak_flops: float | None
@@ -74,37 +55,37 @@ class Loop:
     running_mfu: float | None = None
 
     def __post_init__(self):
-        model, engine = self.engine.module, self.engine
-        self.micro_ids = shard(engine.micro_batches, engine.rank, engine.world_size)
-        self.tokens_per_iter = engine.micro_batches * self.t.batch_size * model.config.block_size
-        self.tally = metrics.RoutingTally(model.moe_layers()) if self.t.log_moe_stats and model.moe_layers() else None
+        model, train_cfg = self.engine.module, self.train_cfg
+        self.tokens_per_iter = self.engine.micro_batches * train_cfg.batch_size * model.config.block_size
+        routed = train_cfg.log_moe_stats and model.moe_layers()
+        self.tally = metrics.RoutingTally(model.moe_layers()) if routed else None
 
 
-def set_up_and_run(m: GPTConfig, t: TrainConfig, begin: start.Start, engine_factory) -> dict:
+def set_up_and_run(model_cfg: GPTConfig, train_cfg: TrainConfig, begin: start.Start, engine_factory) -> dict:
     """Model, engine, resume, loop."""
-    m, t, ckpt, resumed = start.open_resumed(m, t, begin)
-    data_dir = resolve_data_dir(t.dataset, t.data_dir)
-    check_data(data_dir, m.block_size)
-    model = start.prepare_model(m, t, begin, data_dir)
+    model_cfg, train_cfg, ckpt, resumed = start.open_resumed(model_cfg, train_cfg, begin)
+    data_dir = resolve_data_dir(train_cfg.dataset, train_cfg.data_dir)
+    check_data(data_dir, model_cfg.block_size)
+    model = start.prepare_model(model_cfg, train_cfg, begin, data_dir)
     flops_per_token = model.flops_per_token()  # before experts are sharded: the whole model's active params
     if engine_factory is None:
-        engine = LocalEngine(model, t, *resolve_device(t))
+        engine = LocalEngine(model, train_cfg, *resolve_device(train_cfg))
     else:
-        engine = engine_factory(model, t)
+        engine = engine_factory(model, train_cfg)
     state = TrainState()
     if ckpt is not None:
         meta, ckpt = resume.load_to_resume(engine, ckpt, begin.may_fall_back, begin.set_aside)
         state = TrainState.from_record(meta)
-    log = open_log(engine, m, t, state)
-    if ckpt is not None and not t.eval_only:
-        record = metrics.resume_record(t.out_dir, state.iter_num, ckpt.meta["topology"], engine.topology())
+    log = open_log(engine, model_cfg, train_cfg, state)
+    if ckpt is not None and not train_cfg.eval_only:
+        record = metrics.resume_record(train_cfg.out_dir, state.iter_num, ckpt.meta["topology"], engine.topology())
         record.update({k: v for k, v in (("followed", resumed.followed), ("changed", resumed.changed),
                                          ("set_aside", begin.set_aside)) if v})
         log.event(record, metrics.describe_resume(record))
-    peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, t.peak_tflops)
-    batches = Batches(data_dir, m.block_size, t.batch_size, engine.device, t.seed)
+    peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, train_cfg.peak_tflops)
+    batches = Batches(data_dir, model_cfg.block_size, train_cfg.batch_size, engine.device, train_cfg.seed)
     try:
-        result = run_loop(Loop(engine, batches, t, log, flops_per_token, peak), state)
+        result = run_loop(Loop(engine, batches, train_cfg, log, flops_per_token, peak), state)
     except BaseException:
         log.close(failed=True)
         raise
@@ -112,30 +93,31 @@ def set_up_and_run(m: GPTConfig, t: TrainConfig, begin: start.Start, engine_fact
     return result
 
 
-def open_log(engine: Engine, m: GPTConfig, t: TrainConfig, state: TrainState) -> metrics.MetricsLog:
+def open_log(engine: Engine, model_cfg: GPTConfig, train_cfg: TrainConfig, state: TrainState) -> metrics.MetricsLog:
     """Rank 0 logs to the sinks (metrics.jsonl for a writer, wandb, TensorBoard) and stdout; the others don't."""
     if engine.rank != 0:
         return metrics.MetricsLog([], echo=False)
-    return metrics.MetricsLog(metrics.make_sinks(t, to_dict(m, t)), metrics.progress_bar(t, state.iter_num))
+    sinks = metrics.make_sinks(train_cfg, to_dict(model_cfg, train_cfg))
+    return metrics.MetricsLog(sinks, metrics.progress_bar(train_cfg, state.iter_num))
 
 
 def run_loop(loop: Loop, state: TrainState) -> dict:
     """nanoGPT's loop over the engine: eval and checkpoint, step, guard, log; stop on a signal after a save."""
-    engine, t = loop.engine, loop.t
+    engine, train_cfg = loop.engine, loop.train_cfg
     loop.log.print(f"tokens per iteration: {loop.tokens_per_iter:,}")
     preemption = Preemption.install()  # SIGTERM/SIGINT/SIGUSR1: finish the step, save, stop
     local_iter = 0
-    window = profiling.Window(t.profile, str(engine.device).split(":")[0], t.out_dir,
+    window = profiling.Window(train_cfg.profile, str(engine.device).split(":")[0], train_cfg.out_dir,
                               loop.log.print if engine.rank == 0 else None)
     try:
         while True:
-            if replica_check_due(t, state.iter_num):  # before an eval's save can write diverged copies
+            if replica_check_due(train_cfg, state.iter_num):  # before an eval's save can write diverged copies
                 engine.check_replicas(state.iter_num)
-            if state.iter_num % t.eval_interval == 0 or t.eval_only:  # eval_only: at any checkpoint
+            if state.iter_num % train_cfg.eval_interval == 0 or train_cfg.eval_only:  # eval_only: at any checkpoint
                 # may_save: not before this process has trained. A resumed run would otherwise save
                 # again the checkpoint it just loaded: wasted I/O, and a replace of iter_N/ itself.
                 evaluate_and_save(loop, state, may_save=local_iter > 0)
-            if t.eval_only or state.iter_num > t.max_iters:
+            if train_cfg.eval_only or state.iter_num > train_cfg.max_iters:
                 break
             window.step_begins(local_iter)
             step_t0 = time.time()
@@ -143,9 +125,9 @@ def run_loop(loop: Loop, state: TrainState) -> dict:
             window.step_ended(local_iter, time.time() - step_t0)
             local_iter += 1
             if stop:  # preempted: save where the next iteration starts, then leave the loop
-                save(engine, t, state)
+                save(engine, train_cfg, state)
                 loop.log.print(f"stopped by {preemption.requested or 'a signal to another rank'} before iteration "
-                               f"{state.iter_num}; checkpoint saved to {t.out_dir}; continue with "
+                               f"{state.iter_num}; checkpoint saved to {train_cfg.out_dir}; continue with "
                                "--init_from=resume")
                 loop.result["stopped_by_signal"] = True
                 break
@@ -156,13 +138,13 @@ def run_loop(loop: Loop, state: TrainState) -> dict:
 
 def step_and_log(loop: Loop, state: TrainState, stop_asked: Callable[[], bool]) -> bool:
     """Train iteration state.iter_num, check it, log it, advance; return whether any rank asked to stop."""
-    t, it = loop.t, state.iter_num
-    logging = it % t.log_interval == 0
-    lr = get_lr(it, t)
+    train_cfg, it = loop.train_cfg, state.iter_num
+    logging = it % train_cfg.log_interval == 0
+    lr = get_lr(it, train_cfg)
     step_t0 = time.time()
-    losses, grad_norm, stop = train_step(loop.engine, loop.batches, t, loop.micro_ids, it, lr, stop_asked,
+    losses, grad_norm, stop = train_step(loop.engine, loop.batches, it, lr, stop_asked,
                                          loop.tally if logging else None)
-    check_finite({"loss": float(losses[0]), "gradient norm": grad_norm}, it, t.out_dir)
+    check_finite({"loss": float(losses[0]), "gradient norm": grad_norm}, it, train_cfg.out_dir)
     loop.result["train_losses"].append(float(losses[0]))
     now = time.time()
     dt, loop.last_time = now - loop.last_time, now
@@ -178,44 +160,39 @@ def step_and_log(loop: Loop, state: TrainState, stop_asked: Callable[[], bool]) 
     return stop
 
 
-def replica_check_due(t: TrainConfig, iter_num: int) -> bool:
+def replica_check_due(train_cfg: TrainConfig, iter_num: int) -> bool:
     """Whether the replica guard runs before this iteration: every replica_check_interval (-1: eval_interval)."""
-    interval = t.eval_interval if t.replica_check_interval == -1 else t.replica_check_interval
+    interval = train_cfg.eval_interval if train_cfg.replica_check_interval == -1 else train_cfg.replica_check_interval
     return interval > 0 and iter_num % interval == 0
 
 
 def evaluate_and_save(loop: Loop, state: TrainState, may_save: bool):
     """Eval both splits; checkpoint when val improved (or always_save_checkpoint) and `may_save`.
     The record holds train_s, the step time spent so far: val loss against training time."""
-    t, it = loop.t, state.iter_num
-    losses = estimate_loss(loop.engine, loop.batches, t, it)
-    check_finite({"val loss": losses["val"]}, it, t.out_dir)
+    train_cfg, it = loop.train_cfg, state.iter_num
+    losses = estimate_loss(loop.engine, loop.batches, train_cfg, it)
+    check_finite({"val loss": losses["val"]}, it, train_cfg.out_dir)
     loop.result.update(losses)
     loop.log({"iter": it, "tokens": it * loop.tokens_per_iter, "train_loss": losses["train"],
-              "val_loss": losses["val"], "lr": get_lr(it, t), "train_s": state.train_s},
+              "val_loss": losses["val"], "lr": get_lr(it, train_cfg), "train_s": state.train_s},
              f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-    if losses["val"] < state.best_val or t.always_save_checkpoint:
+    if losses["val"] < state.best_val or train_cfg.always_save_checkpoint:
         state.best_val = min(state.best_val, losses["val"])
         if may_save:
-            save(loop.engine, t, state)
-            loop.log.print(f"saving checkpoint to {t.out_dir}")
+            save(loop.engine, train_cfg, state)
+            loop.log.print(f"saving checkpoint to {train_cfg.out_dir}")
 
 
-def save(engine: Engine, t: TrainConfig, state: TrainState):
+def save(engine: Engine, train_cfg: TrainConfig, state: TrainState):
     """A checkpoint from which training continues at state.iter_num, written only while this run still
     owns out_dir."""
-    rank0_decides(lambda: run_lock.ensure_held(t.out_dir), engine.rank)  # every rank stops if rank 0 lost it
-    engine.save(t.out_dir, state.record(engine.module.config, t))
+    rank0_decides(lambda: run_lock.ensure_held(train_cfg.out_dir), engine.rank)  # every rank stops if rank 0 lost it
+    engine.save(train_cfg.out_dir, state.record(engine.module.config, train_cfg))
 
 
-def restore(engine: Engine, out_dir: str, iteration: int = -1) -> dict:
-    """Load the newest committed checkpoint in out_dir (or iter_`iteration`) into the engine; return its state."""
-    return engine.load(checkpoint.open_checkpoint(out_dir, iteration))
-
-
-def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list[int], iter_num: int, lr: float,
-               stop_asked: Callable[[], bool], tally) -> tuple[torch.Tensor, float | None, bool]:
-    """One optimizer step over this rank's micro-batches of the global batch.
+def train_step(engine: Engine, batches: Batches, iter_num: int, lr: float, stop_asked: Callable[[], bool],
+               tally) -> tuple[torch.Tensor, float | None, bool]:
+    """One optimizer step over this rank's micro-batches of the global batch (its share of engine.micro_batches).
 
     Returns the global mean (loss, ce, aux, z), the gradient norm, and whether any rank
     was asked to stop: stop_asked() is read after the update, so a signal during this step
@@ -226,7 +203,7 @@ def train_step(engine: Engine, batches: Batches, t: TrainConfig, micro_ids: list
     balancing = engine.module.config.bias_update_rate > 0
     parts = []  # (loss, ce, aux, z) per micro-batch, kept on the device: one sync per step, not four per micro
     routed = []  # per micro-batch [layers, E] assignments the router made: the load the biases balance
-    for micro in micro_ids:
+    for micro in shard(engine.micro_batches, engine.rank, engine.world_size):
         x, y = batches.get("train", iter_num, micro)
         with record_function("forward"):  # named ranges for --profile (a few µs without one)
             _, loss, report = engine.forward(x, y, report=True)
@@ -267,9 +244,8 @@ def update_router_biases(engine: Engine, routed: torch.Tensor):
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """The step's one device-to-host copy (losses, stop flag, gradient norm): on a GPU the host
-    waits here for the step's kernels; everything else in a step stays on the device
-    (tests/test_train.py counts the reads)."""
+    """The step's one device-to-host copy (losses, stop flag, gradient norm): on a GPU the host waits here
+    for the step's kernels; everything else in a step stays on the device (tests/test_train.py counts)."""
     return tensor.cpu()
 
 
@@ -305,7 +281,7 @@ def check_finite(values: dict, iter_num: int, out_dir: str):
 
 
 @torch.no_grad()
-def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
+def estimate_loss(engine, batches: Batches, train_cfg: TrainConfig, it: int) -> dict:
     """Mean pure cross-entropy over eval_iters batches per split, sharded over ranks.
 
     Every rank runs the same number of forwards (expert parallelism needs every
@@ -314,14 +290,14 @@ def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
     model = engine.module
     model.eval()
     out = {}
-    per_rank = math.ceil(t.eval_iters / engine.world_size)
+    per_rank = math.ceil(train_cfg.eval_iters / engine.world_size)
     for split in ("train", "val"):
         total = torch.zeros(2, dtype=torch.float64)
         for j in range(per_rank):
             k = engine.rank + j * engine.world_size
             x, y = batches.get(split, it, k, stream=1)
             _, loss = engine.forward(x, y)
-            if k < t.eval_iters:
+            if k < train_cfg.eval_iters:
                 total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         total = engine.all_reduce(total)
         out[split] = float(total[0] / total[1])
@@ -329,13 +305,13 @@ def estimate_loss(engine, batches: Batches, t: TrainConfig, it: int) -> dict:
     return out
 
 
-def get_lr(it: int, t: TrainConfig) -> float:
+def get_lr(it: int, train_cfg: TrainConfig) -> float:
     """nanoGPT's schedule: linear warmup, cosine decay to min_lr, then min_lr."""
-    if not t.decay_lr:
-        return t.learning_rate
-    if it < t.warmup_iters:
-        return t.learning_rate * (it + 1) / (t.warmup_iters + 1)
-    if it > t.lr_decay_iters:
-        return t.min_lr
-    ratio = (it - t.warmup_iters) / max(1, t.lr_decay_iters - t.warmup_iters)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+    if not train_cfg.decay_lr:
+        return train_cfg.learning_rate
+    if it < train_cfg.warmup_iters:
+        return train_cfg.learning_rate * (it + 1) / (train_cfg.warmup_iters + 1)
+    if it > train_cfg.lr_decay_iters:
+        return train_cfg.min_lr
+    ratio = (it - train_cfg.warmup_iters) / max(1, train_cfg.lr_decay_iters - train_cfg.warmup_iters)
+    return train_cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train_cfg.learning_rate - train_cfg.min_lr)

@@ -198,7 +198,7 @@ def test_a_stop_asked_during_a_step_is_read_after_its_update(char_data, tmp_path
     weight = engine.module.lm_head.weight
     before = weight.detach().clone()
     seen = []
-    _, _, stop = trainer.train_step(engine, batches, train_cfg, [0, 1], 0, 1e-3,
+    _, _, stop = trainer.train_step(engine, batches, 0, 1e-3,
                                     lambda: seen.append(not torch.equal(weight, before)) or True, None)
     assert seen == [True] and stop
 
@@ -276,7 +276,7 @@ def test_a_training_step_reads_the_host_once(char_data, tmp_path, monkeypatch, o
     monkeypatch.setattr(trainer, "to_host", lambda t: reads_before_copy.append(list(counter.reads)) or t.cpu())
     for it in range(2):
         with count_host_reads() as counter:
-            losses, norm, stop = trainer.train_step(engine, batches, train_cfg, [0, 1], it, 1e-3, lambda: it == 1, None)
+            losses, norm, stop = trainer.train_step(engine, batches, it, 1e-3, lambda: it == 1, None)
         assert len(reads_before_copy[-1]) == reads * 2  # per micro-batch: nothing else waited for the device
         assert losses.shape == (4,) and norm > 0 and stop == (it == 1)
     assert len(reads_before_copy) == 2  # one copy per step
@@ -303,11 +303,11 @@ def test_cuda_step_syncs_only_in_to_host(char_data, tmp_path, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("error")
     monkeypatch.setattr(trainer, "to_host", to_host)
-    trainer.train_step(engine, batches, train_cfg, [0, 1], 0, 1e-3, lambda: False, None)  # warm-up: lazy state, kernels
+    trainer.train_step(engine, batches, 0, 1e-3, lambda: False, None)  # warm-up: lazy state, kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses, norm, _ = trainer.train_step(engine, batches, train_cfg, [0, 1], 1, 1e-3, lambda: False, None)
+        losses, norm, _ = trainer.train_step(engine, batches, 1, 1e-3, lambda: False, None)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert losses.shape == (4,) and norm > 0
