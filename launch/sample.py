@@ -20,7 +20,7 @@ def parse(argv):
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=10)
     p.add_argument("--max_new_tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy, the most likely token")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="", help="default: cuda if there is one, else cpu")
@@ -28,9 +28,9 @@ def parse(argv):
     p.add_argument("--compile", type=lambda s: s == "True", default=False)
     # nanoGPT users type --key=value; argparse already accepts that form.
     a = p.parse_args(argv)
-    if not 0 < a.temperature < float("inf"):  # generate divides the logits by it
-        p.error(f"--temperature must be a positive number, got {a.temperature}; 1.0 samples the model as trained, "
-                "lower is more conservative")
+    if not 0 <= a.temperature < float("inf"):  # generate divides the logits by it (0 is greedy: no division)
+        p.error(f"--temperature must be a number >= 0, got {a.temperature}; 1.0 samples the model as trained, "
+                "lower is more conservative, 0 is greedy (always the most likely token)")
     if a.top_k < 1:
         p.error(f"--top_k must be at least 1, got {a.top_k}; a large value such as 200 keeps almost every token")
     if not a.start:  # the model needs at least one token to continue from

@@ -44,6 +44,8 @@ CAPACITY_PRIORITIES = ("score", "position")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 # Hugging Face `activation_function` values -> ours (anything else is refused on loading).
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# Hugging Face's GPT-2 stores these weights transposed (Conv1D modules); every other name is ours as it is.
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # The published GPT-2 checkpoints init_from accepts by name (fetched by transformers).
 HF_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2",
                  "openai-community/gpt2", "openai-community/gpt2-medium", "openai-community/gpt2-large",

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .config import HF_ACTIVATIONS, ConfigError, GPTConfig
+from .config import HF_ACTIVATIONS, HF_CONV1D_WEIGHTS, ConfigError, GPTConfig
 from .mlp import MLP
 from .moe import MoE, Routing, init_moe_
 
@@ -204,12 +204,10 @@ class GPT(nn.Module):
         sd = model.state_dict()
         sd_hf = {k: v for k, v in hf.state_dict().items()
                  if not k.endswith(".attn.masked_bias") and not k.endswith(".attn.bias")}
-        # HF uses Conv1D modules: these weights are stored transposed.
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         assert set(sd_hf) == set(sd), f"mismatched keys: {set(sd_hf) ^ set(sd)}"
         with torch.no_grad():
             for k, v in sd_hf.items():
-                src = v.t() if k.endswith(transposed) else v
+                src = v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v
                 assert src.shape == sd[k].shape, f"shape mismatch for {k}: {src.shape} vs {sd[k].shape}"
                 sd[k].copy_(src)
         return model
@@ -237,10 +235,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """Append max_new_tokens tokens, each sampled at `temperature` from the top_k; temperature 0 is
+        greedy (the most likely token: what transformers' generate does without do_sample)."""
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                idx = torch.cat((idx, logits.argmax(dim=-1, keepdim=True)), dim=1)
+                continue
+            logits = logits / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("Inf")

@@ -229,9 +229,9 @@ ROWS = [
         "no checkpoint in <tmp> (no iter_N/metadata.json); train first, or check --out_dir", "resuming where DeepSpeed saved nothing",
         one_rank=True),
     # ------------------------------------------------ launch/sample.py
-    Row("sample", "--temperature=0", "--temperature must be a positive number, got 0.0",
-        "a zero, negative or infinite temperature"),
-    Row("sample", "--temperature=-1", "--temperature must be a positive number, got -1.0", "a negative temperature"),
+    Row("sample", "--temperature=inf", "--temperature must be a number >= 0, got inf",
+        "an infinite temperature (0 is greedy, not refused)"),
+    Row("sample", "--temperature=-1", "--temperature must be a number >= 0, got -1.0", "a negative temperature"),
     Row("sample", "--top_k=0", "--top_k must be at least 1, got 0", "a top_k below 1"),
     Row("sample", "--start=", "--start is empty; give a prompt", "an empty prompt"),
     Row("sample", "--num_samples=0", "--num_samples must be at least 1, got 0", "num_samples or max_new_tokens below 1"),

@@ -132,6 +132,16 @@ def test_generate_top_k_and_length():
     assert out.shape == (1, 21)
 
 
+def test_generate_at_temperature_zero_appends_the_most_likely_token():
+    torch.manual_seed(0)
+    model = GPT(tiny(use_moe=True, num_experts=4, capacity_factor=1.0)).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 3))
+    out = model.generate(prompt, 4, temperature=0, top_k=5)
+    for step in range(4):  # each token is the argmax of the logits of everything before it
+        context = out[:, :3 + step]
+        assert torch.equal(out[:, 3 + step], model(context)[0][:, -1].argmax(-1))
+
+
 @pytest.mark.parametrize("hf_act, ours", [("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"),
                                           ("gelu_fast", "gelu_tanh"), ("gelu", "gelu")])
 def test_from_pretrained_matches_transformers(tmp_path, hf_act, ours):
