@@ -10,7 +10,7 @@ MASTER_ADDR=127.0.0.1, a free MASTER_PORT, GLOO_SOCKET_IFNAME=lo), one thread ea
         trainer.save(engine, t, TrainState(iter_num=1, ...)) into a fresh out_dir;
   load  the ranks of another world size (--load_worlds; default the next entry of --worlds,
         so 2 -> 4 and 4 -> 2) build the same model and engine, take no step, and restore that
-        checkpoint: engine.load(checkpoint.open_checkpoint(out_dir)) where the library has it, else (the code
+        checkpoint: engine.load(checkpoint_dir.open_checkpoint(out_dir)) where the library has it, else (the code
         before issue 17) checkpoint.load(out_dir) and engine.load(out_dir, ckpt), both timed.
         The restored iter_num must be 1. With no step before it, the load itself creates
         this rank's AdamW moments (8 of the share's 12 bytes per parameter): counted in its
@@ -179,7 +179,7 @@ def worker(args, overrides: list[str]):
                               generator=torch.Generator().manual_seed(0)).to(engine.device)
             one_step(engine, FixedBatches(x), lr=1e-4)
             stepped = True
-        from nanomoe_ds import checkpoint
+        from nanomoe_ds import checkpoint, checkpoint_dir
         sharded = hasattr(checkpoint, "open_checkpoint")  # the sharded format's reader (issue 17 on)
         api = "engine.load(open_checkpoint)" if sharded else "checkpoint.load + engine.load"
         dist.barrier()
@@ -189,7 +189,7 @@ def worker(args, overrides: list[str]):
                 trainer.save(engine, train_cfg, trainer.TrainState(1, 9.99, 1.0))
                 state = None
             elif sharded:
-                state = engine.load(checkpoint.open_checkpoint(args.out_dir))
+                state = engine.load(checkpoint_dir.open_checkpoint(args.out_dir))
             else:  # the code before issue 17: ckpt.pt, read by the trainer, then the engine's load
                 ckpt = checkpoint.load(args.out_dir)
                 state = engine.load(args.out_dir, ckpt)

@@ -77,7 +77,8 @@ def main(argv):
         if not start:  # the model needs at least one token to continue from
             raise ConfigError(f"--start={a.start}: the file is empty; give a prompt to continue from")
     import torch
-    from nanomoe_ds import checkpoint
+    from nanomoe_ds.checkpoint_dir import open_checkpoint
+    from nanomoe_ds.start import model_from_checkpoint
     from nanomoe_ds.model import GPT
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(a.seed)
@@ -85,8 +86,8 @@ def main(argv):
         raise ConfigError(f"--device={a.device} but CUDA is not available here; use --device=cpu")
     ckpt = None
     if a.init_from == "resume":
-        ckpt = checkpoint.open_checkpoint(a.out_dir)
-        model = checkpoint.model_from_checkpoint(ckpt)  # whole, on the CPU: one process samples it
+        ckpt = open_checkpoint(a.out_dir)
+        model = model_from_checkpoint(ckpt)  # whole, on the CPU: one process samples it
     else:
         model = GPT.from_pretrained(a.init_from, {"dropout": 0.0})
     model.eval().to(a.device)

@@ -296,51 +296,55 @@ def validate_model(c: GPTConfig):
         _check(getattr(c, k) >= 0 and math.isfinite(getattr(c, k)), f"{k} must be >= 0, got {getattr(c, k)}")
 
 
-def validate_train(t: TrainConfig):
+def validate_train(train_cfg: TrainConfig):
     for k in ("batch_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval", "ep_size",
               "dist_timeout", "keep_last"):
-        _check(getattr(t, k) >= 1, f"{k} must be at least 1, got {getattr(t, k)}")
+        _check(getattr(train_cfg, k) >= 1, f"{k} must be at least 1, got {getattr(train_cfg, k)}")
     for k in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "seed"):  # numpy refuses negative seeds
-        _check(getattr(t, k) >= 0, f"{k} must be >= 0, got {getattr(t, k)}")
+        _check(getattr(train_cfg, k) >= 0, f"{k} must be >= 0, got {getattr(train_cfg, k)}")
     for k in ("beta1", "beta2"):  # AdamW's moving averages: a coefficient of 1 or more never forgets, and diverges
-        _check(0 <= getattr(t, k) < 1, f"{k} must be in [0, 1), got {getattr(t, k)}")
-    blocker = _file_in_the_way(t.out_dir)
-    _check(blocker is None, f"out_dir '{t.out_dir}' cannot be made: '{blocker}' is a file, not a directory; "
+        _check(0 <= getattr(train_cfg, k) < 1, f"{k} must be in [0, 1), got {getattr(train_cfg, k)}")
+    blocker = _file_in_the_way(train_cfg.out_dir)
+    _check(blocker is None, f"out_dir '{train_cfg.out_dir}' cannot be made: '{blocker}' is a file, not a directory; "
                             "choose another --out_dir")
-    _check(t.resume_iter >= -1, f"resume_iter must be -1 (the newest checkpoint) or an iteration, got {t.resume_iter}")
-    _check(t.resume_iter == -1 or t.init_from == "resume",
-           f"resume_iter={t.resume_iter} picks a checkpoint to resume once; it needs --init_from=resume" +
+    _check(train_cfg.resume_iter >= -1,
+           f"resume_iter must be -1 (the newest checkpoint) or an iteration, got {train_cfg.resume_iter}")
+    _check(train_cfg.resume_iter == -1 or train_cfg.init_from == "resume",
+           f"resume_iter={train_cfg.resume_iter} picks a checkpoint to resume once; it needs --init_from=resume" +
            (" (init_from=auto is the command every restart repeats: with resume_iter it would rewind to "
-            f"iteration {t.resume_iter} again at each one)" if t.init_from == "auto" else ""))
-    _check(t.dtype in ("auto", "float32", "bfloat16", "float16"),
-           f"unknown dtype '{t.dtype}'; choose auto, float32, bfloat16 or float16")
-    if init_source(t.init_from) == "run":
-        _check(os.path.realpath(t.init_from) != os.path.realpath(t.out_dir),
-               f"init_from and out_dir are the same directory ('{t.out_dir}'): the new run would overwrite its "
+            f"iteration {train_cfg.resume_iter} again at each one)" if train_cfg.init_from == "auto" else ""))
+    _check(train_cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"unknown dtype '{train_cfg.dtype}'; choose auto, float32, bfloat16 or float16")
+    if init_source(train_cfg.init_from) == "run":
+        _check(os.path.realpath(train_cfg.init_from) != os.path.realpath(train_cfg.out_dir),
+               f"init_from and out_dir are the same directory ('{train_cfg.out_dir}'): the new run would overwrite its "
                "source; choose another out_dir, or init_from=resume to continue that run")
     for k in ("upcycle_router_std", "upcycle_noise"):
-        _check(getattr(t, k) >= 0 and math.isfinite(getattr(t, k)), f"{k} must be >= 0, got {getattr(t, k)}")
-    _check(t.learning_rate > 0, f"learning_rate must be positive, got {t.learning_rate}")
-    _check(not t.decay_lr or 0 <= t.min_lr <= t.learning_rate,
-           f"need 0 <= min_lr ({t.min_lr}) <= learning_rate ({t.learning_rate}) when decay_lr=True")
-    _check(t.peak_tflops >= 0, f"peak_tflops must be >= 0 (0 looks the device up), got {t.peak_tflops}")
-    _check(t.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {t.grad_clip}")
-    _check(t.replica_check_interval >= -1,
+        value = getattr(train_cfg, k)
+        _check(value >= 0 and math.isfinite(value), f"{k} must be >= 0, got {value}")
+    _check(train_cfg.learning_rate > 0, f"learning_rate must be positive, got {train_cfg.learning_rate}")
+    _check(not train_cfg.decay_lr or 0 <= train_cfg.min_lr <= train_cfg.learning_rate,
+           f"need 0 <= min_lr ({train_cfg.min_lr}) <= learning_rate ({train_cfg.learning_rate}) when decay_lr=True")
+    _check(train_cfg.peak_tflops >= 0, f"peak_tflops must be >= 0 (0 looks the device up), got {train_cfg.peak_tflops}")
+    _check(train_cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {train_cfg.grad_clip}")
+    _check(train_cfg.replica_check_interval >= -1,
            f"replica_check_interval must be -1 (every eval_interval), 0 (never) or a number of iterations, "
-           f"got {t.replica_check_interval}")
-    dev = t.device
+           f"got {train_cfg.replica_check_interval}")
+    dev = train_cfg.device
     _check(dev in ("cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
            f"unknown device '{dev}'; use cpu, cuda, cuda:N or mps")
 
 
-def validate_parallelism(m: GPTConfig, t: TrainConfig):
+def validate_parallelism(model_cfg: GPTConfig, train_cfg: TrainConfig):
     """Settings that only make sense together; the world size is checked once the ranks exist."""
-    if t.ep_size == 1:
+    if train_cfg.ep_size == 1:
         return
-    _check(m.use_moe, f"ep_size={t.ep_size} needs use_moe=True")
-    _check(bool(t.deepspeed_config), f"ep_size={t.ep_size} needs DeepSpeed: expert parallelism spreads experts over "
-                                     "ranks; add --deepspeed_config ds_configs/zero2.json and start it with a launcher")
-    _check(m.num_experts % t.ep_size == 0, f"num_experts ({m.num_experts}) must be divisible by ep_size ({t.ep_size})")
+    _check(model_cfg.use_moe, f"ep_size={train_cfg.ep_size} needs use_moe=True")
+    _check(bool(train_cfg.deepspeed_config),
+           f"ep_size={train_cfg.ep_size} needs DeepSpeed: expert parallelism spreads experts over "
+           "ranks; add --deepspeed_config ds_configs/zero2.json and start it with a launcher")
+    _check(model_cfg.num_experts % train_cfg.ep_size == 0,
+           f"num_experts ({model_cfg.num_experts}) must be divisible by ep_size ({train_cfg.ep_size})")
 
 
 def _file_in_the_way(path: str) -> str | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, ds_groups, train_state
+from . import checkpoint, checkpoint_dir, ds_groups, train_state
 from .checkpoint import tensor_key
 from .train_state import MOMENTS
 
@@ -191,11 +191,11 @@ def _scaler(optimizer):
 
 
 def save(engine, model, out_dir: str, state: dict, topology: dict, keep_last: int):
-    """Every rank calls this: each writes its share, rank 0 commits (checkpoint.save)."""
+    """Every rank calls this: each writes its share, rank 0 commits (checkpoint_dir.save)."""
     rank = dist.get_rank()
     meta = {**state, "topology": topology, "optimizer_step": _step(engine.optimizer), "loss_scale": loss_scale(engine),
             "tensors": shapes(model, engine.optimizer) if rank == 0 else {}}
-    checkpoint.save(out_dir, meta, owned_pieces(model, engine.optimizer, rank), rank, keep_last, DistCollectives())
+    checkpoint_dir.save(out_dir, meta, owned_pieces(model, engine.optimizer, rank), rank, keep_last, DistCollectives())
 
 
 # ---------------------------------------------------------------- load

@@ -53,7 +53,7 @@ def _refuse_zero3_layouts(zero: dict):
                           "the same partitions; remove mics_shard_size")
 
 
-def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_kind: str,
+def reconcile(ds: dict, model_cfg: GPTConfig, train_cfg: TrainConfig, world_size: int, device_kind: str,
               support: precision.Support) -> dict:
     """Fill "auto" values from the preset/command line; refuse contradictions in one line.
 
@@ -65,14 +65,16 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
     """
     ds = copy.deepcopy(ds)
     _refuse_monitors(ds)
-    if t.gradient_accumulation_steps % world_size:
-        raise ConfigError(f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) must be divisible by "
+    if train_cfg.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({train_cfg.gradient_accumulation_steps}) must be divisible by "
                           f"the number of ranks ({world_size})")
-    gas = t.gradient_accumulation_steps // world_size
-    want = {"train_micro_batch_size_per_gpu": (t.batch_size, "batch_size"),
-            "gradient_accumulation_steps": (gas, f"gradient_accumulation_steps/world_size ({t.gradient_accumulation_steps}/{world_size})"),
-            "train_batch_size": (t.batch_size * t.gradient_accumulation_steps, "batch_size*gradient_accumulation_steps"),
-            "gradient_clipping": (t.grad_clip, "grad_clip")}
+    gas = train_cfg.gradient_accumulation_steps // world_size
+    want = {"train_micro_batch_size_per_gpu": (train_cfg.batch_size, "batch_size"),
+            "gradient_accumulation_steps": (gas, "gradient_accumulation_steps/world_size "
+                                                 f"({train_cfg.gradient_accumulation_steps}/{world_size})"),
+            "train_batch_size": (train_cfg.batch_size * train_cfg.gradient_accumulation_steps,
+                                 "batch_size*gradient_accumulation_steps"),
+            "gradient_clipping": (train_cfg.grad_clip, "grad_clip")}
     for key, (value, ours) in want.items():
         _fill(ds, key, value, ours)
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
@@ -84,31 +86,32 @@ def reconcile(ds: dict, m: GPTConfig, t: TrainConfig, world_size: int, device_ki
         # torch's fused AdamW, as on the plain path: one kernel over each of ZeRO's flat fp32
         # partitions, where the default (single-tensor on a CPU) makes several passes over them.
         params["fused"] = fused_adamw_supported(device_kind)
-    for key, value, ours in (("lr", t.learning_rate, "learning_rate"), ("betas", [t.beta1, t.beta2], "beta1/beta2"),
-                             ("weight_decay", t.weight_decay, "weight_decay")):
+    for key, value, ours in (("lr", train_cfg.learning_rate, "learning_rate"),
+                             ("betas", [train_cfg.beta1, train_cfg.beta2], "beta1/beta2"),
+                             ("weight_decay", train_cfg.weight_decay, "weight_decay")):
         _fill(params, key, value, ours, where="optimizer.params.")
-    _check_scheduler(ds.pop("scheduler", None), t)
+    _check_scheduler(ds.pop("scheduler", None), train_cfg)
     dtype = json_dtype(ds)
     precision.check(dtype, device_kind, support, source="the DeepSpeed JSON")
-    if t.dtype not in ("auto", dtype):
-        raise ConfigError(f"--dtype={t.dtype} contradicts the DeepSpeed JSON ({dtype}); "
+    if train_cfg.dtype not in ("auto", dtype):
+        raise ConfigError(f"--dtype={train_cfg.dtype} contradicts the DeepSpeed JSON ({dtype}); "
                           "the JSON owns precision: leave dtype=auto")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if m.use_moe and stage == 3:
+    if model_cfg.use_moe and stage == 3:
         raise ConfigError("ZeRO-3 does not support native MoE layers in DeepSpeed; use ZeRO-1 or ZeRO-2 "
                           "(ds_configs/zero1.json, zero2.json)")
     if stage == 3:
         _refuse_zero3_layouts(ds["zero_optimization"])
-    if m.use_moe and stage == 0 and dtype == "float16":
+    if model_cfg.use_moe and stage == 0 and dtype == "float16":
         raise ConfigError("fp16 with ZeRO-0 and use_moe=True is not supported: the exact MoE gradient clip on "
                           "ZeRO-0 would see loss-scaled gradients; use ZeRO-1 (ds_configs/fp16.json) or bf16")
-    if m.use_moe and stage in (1, 2):
+    if model_cfg.use_moe and stage in (1, 2):
         # DeepSpeed asserts these for MoE parameter groups.
         ds["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True)
     return ds
 
 
-def _check_scheduler(sched: dict | None, t: TrainConfig):
+def _check_scheduler(sched: dict | None, train_cfg: TrainConfig):
     """A WarmupCosineLR block must agree with nanoGPT's schedule, which the trainer drives on both paths."""
     if sched is None:
         return
@@ -116,9 +119,9 @@ def _check_scheduler(sched: dict | None, t: TrainConfig):
         raise ConfigError(f"scheduler type '{sched.get('type')}' is not supported; use WarmupCosineLR "
                           "(nanoGPT's warmup + cosine) or remove the block")
     sp = sched.get("params", {})
-    for key, value, ours in (("total_num_steps", t.lr_decay_iters, "lr_decay_iters"),
-                             ("warmup_num_steps", t.warmup_iters, "warmup_iters"),
-                             ("cos_min_ratio", t.min_lr / t.learning_rate, "min_lr/learning_rate")):
+    for key, value, ours in (("total_num_steps", train_cfg.lr_decay_iters, "lr_decay_iters"),
+                             ("warmup_num_steps", train_cfg.warmup_iters, "warmup_iters"),
+                             ("cos_min_ratio", train_cfg.min_lr / train_cfg.learning_rate, "min_lr/learning_rate")):
         _fill(sp, key, value, ours, where="scheduler.params.")
 
 
@@ -128,23 +131,23 @@ AC_OPTIONS_NOT_HONOURED = ("partition_activations", "cpu_checkpointing", "contig
                            "synchronize_checkpoint_boundary", "profile")
 
 
-def activation_checkpointing(ds: dict, m: GPTConfig, t: TrainConfig) -> bool:
+def activation_checkpointing(ds: dict, model_cfg: GPTConfig, train_cfg: TrainConfig) -> bool:
     """Whether to recompute blocks: --activation_checkpointing, or the JSON's "activation_checkpointing" block.
 
     The block turns it on; an option of it that this trainer cannot honour is refused in one line.
     """
     block = ds.get("activation_checkpointing")
     if block is None:
-        return t.activation_checkpointing
+        return train_cfg.activation_checkpointing
     for key in AC_OPTIONS_NOT_HONOURED:
         if block.get(key):
             raise ConfigError(f'the DeepSpeed JSON\'s "activation_checkpointing" sets {key}, which this trainer does '
                               f'not implement (it recomputes every block with torch.utils.checkpoint); set {key} '
                               'to false, or remove the block and use --activation_checkpointing=True')
     number = block.get("number_checkpoints")
-    if number not in (None, m.n_layer):
+    if number not in (None, model_cfg.n_layer):
         raise ConfigError(f'the DeepSpeed JSON\'s activation_checkpointing.number_checkpoints={number}, but this '
-                          f'trainer checkpoints every block (n_layer={m.n_layer}); remove number_checkpoints')
+                          f'trainer checkpoints every block (n_layer={model_cfg.n_layer}); remove number_checkpoints')
     return True
 
 

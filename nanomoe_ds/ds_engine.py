@@ -26,9 +26,9 @@ from .ds_moe import adopt_moe_
 class DeepSpeedEngine:
     """The trainer's engine interface over a DeepSpeed engine."""
 
-    def __init__(self, engine, t: TrainConfig, micro_batches: int, clip_ourselves: bool,
+    def __init__(self, engine, train_cfg: TrainConfig, micro_batches: int, clip_ourselves: bool,
                  ordering: grad_order.CanonicalReduction | None = None):
-        self.engine, self.module, self.t = engine, engine.module, t
+        self.engine, self.module, self.train_cfg = engine, engine.module, train_cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.micro_batches = micro_batches  # global micro-batches per step (data.fit_accumulation)
         self.device = str(engine.device)
@@ -52,7 +52,7 @@ class DeepSpeedEngine:
             self.ordering.check_step()  # before anything is applied: a mismatch leaves the weights as they were
         norm = None
         if self.clip_ourselves:
-            norm = clip_grad_norm_global_(self.module, self.t.grad_clip)
+            norm = clip_grad_norm_global_(self.module, self.train_cfg.grad_clip)
         self.engine.step()
         if not self.engine.was_step_applied():
             return None  # fp16 overflow: the loss scaler skipped this step (not divergence)
@@ -81,11 +81,11 @@ class DeepSpeedEngine:
         guards.check(replicas, iter_num, self.engine.device)
 
     def topology(self) -> dict:
-        return train_state.topology("deepspeed", self.world_size, self.t.ep_size, self.engine.zero_optimization_stage(),
-                                   str(self.compute_dtype).removeprefix("torch."))
+        return train_state.topology("deepspeed", self.world_size, self.train_cfg.ep_size,
+                                    self.engine.zero_optimization_stage(), str(self.compute_dtype).removeprefix("torch."))
 
     def save(self, out_dir: str, state: dict):
-        ds_checkpoint.save(self.engine, self.module, out_dir, state, self.topology(), self.t.keep_last)
+        ds_checkpoint.save(self.engine, self.module, out_dir, state, self.topology(), self.train_cfg.keep_last)
 
     def load(self, ckpt: checkpoint.Checkpoint) -> dict:
         """Restore this rank's share from a checkpoint saved at any topology; return its training state."""
@@ -150,15 +150,16 @@ def clip_grad_norm_global_(model: GPT, max_norm: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- entry point
-def make_engine_factory(m: GPTConfig, t: TrainConfig):
+def make_engine_factory(model_cfg: GPTConfig, train_cfg: TrainConfig):
     """Init distributed, check the set-up, and return a factory that wraps the model in an engine."""
-    ds_cfg = load_ds_config(t.deepspeed_config)  # before any process-group work: fail fast
-    t.activation_checkpointing = activation_checkpointing(ds_cfg, m, t)  # train() wraps the blocks
+    ds_cfg = load_ds_config(train_cfg.deepspeed_config)  # before any process-group work: fail fast
+    # train() wraps the blocks
+    train_cfg.activation_checkpointing = activation_checkpointing(ds_cfg, model_cfg, train_cfg)
     import deepspeed
     # CPU runs: skip DeepSpeed's shared-memory op, a 20 s JIT build that training never uses.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     os.environ.update(launch_env.distributed_env(os.environ))  # srun: translate SLURM's variables
-    timeout = datetime.timedelta(seconds=t.dist_timeout)
+    timeout = datetime.timedelta(seconds=train_cfg.dist_timeout)
     set_group_timeout(timeout)
     try:
         deepspeed.init_distributed(timeout=timeout)
@@ -170,12 +171,14 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
                           "(a previous job's ranks still exiting, or another job on this node); choose another "
                           "with the launcher's --master_port=N (torchrun: --master-port, or set MASTER_PORT)") from None
     world = dist.get_world_size()
-    t.ep_size, fitted = fit_ep_size(t.ep_size, world, m.num_experts)  # e.g. an elastic restart on fewer ranks
+    # e.g. an elastic restart on fewer ranks
+    train_cfg.ep_size, fitted = fit_ep_size(train_cfg.ep_size, world, model_cfg.num_experts)
     if fitted and dist.get_rank() == 0:
         print(fitted, flush=True)
     # Refuse a contradiction now, before the model is built; the factory reconciles again with the configs a
     # resume settles (resume.py).
-    reconcile_for(ds_cfg, m, t, fit_accumulation(t.gradient_accumulation_steps, world, t.batch_size)[0], world)
+    micro_batches = fit_accumulation(train_cfg.gradient_accumulation_steps, world, train_cfg.batch_size)[0]
+    reconcile_for(ds_cfg, model_cfg, train_cfg, micro_batches, world)
 
     def factory(model: GPT, train_cfg: TrainConfig) -> DeepSpeedEngine:
         # train_cfg, not t: a resume may have taken the run's batch and seed from its checkpoint (resume.py)
@@ -200,15 +203,15 @@ def make_engine_factory(m: GPTConfig, t: TrainConfig):
     return factory
 
 
-def reconcile_for(ds_cfg: dict, m: GPTConfig, t: TrainConfig, micro_batches: int, world: int,
+def reconcile_for(ds_cfg: dict, model_cfg: GPTConfig, train_cfg: TrainConfig, micro_batches: int, world: int,
                   say: bool = False) -> tuple[dict, bool]:
     """The DeepSpeed config these ranks run (ds_config.reconcile), and whether the trainer clips itself.
-    `micro_batches` is t.gradient_accumulation_steps fitted to `world`; `say` prints rank 0's notes."""
+    `micro_batches` is train_cfg.gradient_accumulation_steps fitted to `world`; `say` prints rank 0's notes."""
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
-    t = dataclasses.replace(t, gradient_accumulation_steps=micro_batches)
-    ds_cfg = reconcile(ds_cfg, m, t, world, device_kind, precision.supports(device_kind))
-    if t.zero_single_rank_as_stage0:
+    train_cfg = dataclasses.replace(train_cfg, gradient_accumulation_steps=micro_batches)
+    ds_cfg = reconcile(ds_cfg, model_cfg, train_cfg, world, device_kind, precision.supports(device_kind))
+    if train_cfg.zero_single_rank_as_stage0:
         ds_cfg, note = drop_idle_zero(ds_cfg, world)
         if note and say and dist.get_rank() == 0:
             print(note, flush=True)
@@ -216,7 +219,7 @@ def reconcile_for(ds_cfg: dict, m: GPTConfig, t: TrainConfig, micro_batches: int
     # it clips without reporting the norm: the trainer clips there itself. (Not under fp16: its
     # gradients are loss-scaled; reconcile refuses fp16 with ZeRO-0 for MoE.)
     zero0 = ds_cfg.get("zero_optimization", {}).get("stage", 0) == 0
-    clip_ourselves = zero0 and (m.use_moe or json_dtype(ds_cfg) == "float32")
+    clip_ourselves = zero0 and (model_cfg.use_moe or json_dtype(ds_cfg) == "float32")
     if clip_ourselves:
         ds_cfg["gradient_clipping"] = 0.0
     return ds_cfg, clip_ourselves
@@ -236,17 +239,17 @@ def set_group_timeout(timeout: datetime.timedelta):
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
-def run(m: GPTConfig, t: TrainConfig, given: frozenset = frozenset()) -> int:
+def run(model_cfg: GPTConfig, train_cfg: TrainConfig, given: frozenset = frozenset()) -> int:
     """Run a DeepSpeed training; return the process's exit code (the entry point ends the process with shutdown)."""
     from .trainer import train
     try:
-        train(m, t, make_engine_factory(m, t), given)
+        train(model_cfg, train_cfg, make_engine_factory(model_cfg, train_cfg), given)
         return 0
     except BaseException as e:
         status = launch_env.exit_status(e)
         if status is not None:
             return status
-        line = launch_env.collective_failure(str(e), launch_env.distributed_frames(e), t.dist_timeout)
+        line = launch_env.collective_failure(str(e), launch_env.distributed_frames(e), train_cfg.dist_timeout)
         if line is None:  # not another rank's failure: a bug, whose traceback is the report
             import traceback
             traceback.print_exc()

@@ -5,24 +5,24 @@ from contextlib import nullcontext
 
 import torch
 
-from . import checkpoint, precision, train_state
+from . import checkpoint, checkpoint_dir, precision, train_state
 from .config import ConfigError, TrainConfig
 from .model import GPT
 
 
-def resolve_device(t: TrainConfig, support: precision.Support | None = None) -> tuple[str, torch.dtype]:
+def resolve_device(train_cfg: TrainConfig, support: precision.Support | None = None) -> tuple[str, torch.dtype]:
     """Check the device and pick a dtype it can run; refuse impossible pairs in one line.
 
     `support` defaults to asking this machine (precision.supports); tests pass one in.
     """
-    kind = t.device.split(":")[0]
+    kind = train_cfg.device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={t.device} but CUDA is not available here; use --device=cpu")
+        raise ConfigError(f"--device={train_cfg.device} but CUDA is not available here; use --device=cpu")
     if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError("--device=mps but MPS is not available here; use --device=cpu")
     support = support or precision.supports(kind)
-    name = precision.default_dtype(kind, support) if t.dtype == "auto" else t.dtype
-    return t.device, getattr(torch, precision.check(name, kind, support))
+    name = precision.default_dtype(kind, support) if train_cfg.dtype == "auto" else train_cfg.dtype
+    return train_cfg.device, getattr(torch, precision.check(name, kind, support))
 
 
 class LocalEngine:
@@ -30,8 +30,8 @@ class LocalEngine:
 
     rank, world_size = 0, 1
 
-    def __init__(self, model: GPT, t: TrainConfig, device: str, dtype: torch.dtype):
-        self.module, self.t, self.device, self.compute_dtype = model.to(device), t, device, dtype
+    def __init__(self, model: GPT, train_cfg: TrainConfig, device: str, dtype: torch.dtype):
+        self.module, self.train_cfg, self.device, self.compute_dtype = model.to(device), train_cfg, device, dtype
         kind = device.split(":")[0]
         if kind == "cuda":  # the current device is the one whose RNG state checkpoints save (cuda:1 too)
             torch.cuda.set_device(torch.device(device))
@@ -39,9 +39,10 @@ class LocalEngine:
         # fp16 needs loss scaling against gradient underflow: a GradScaler on CUDA and on
         # CPUs with native fp16; MPS fp16 runs without (no scaler support there).
         self.scaler = torch.amp.GradScaler(kind, enabled=(dtype == torch.float16 and kind != "mps"))
-        self.optimizer = model.configure_optimizers(t.weight_decay, t.learning_rate, (t.beta1, t.beta2), kind)
-        self.forward_module = torch.compile(model) if t.compile else model
-        self.micro_batches = t.gradient_accumulation_steps  # one rank: nothing to fit
+        self.optimizer = model.configure_optimizers(train_cfg.weight_decay, train_cfg.learning_rate,
+                                                    (train_cfg.beta1, train_cfg.beta2), kind)
+        self.forward_module = torch.compile(model) if train_cfg.compile else model
+        self.micro_batches = train_cfg.gradient_accumulation_steps  # one rank: nothing to fit
 
     def forward(self, x, y, **kwargs):
         with self.ctx:
@@ -55,7 +56,7 @@ class LocalEngine:
             g["lr"] = lr
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        clip = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -85,7 +86,7 @@ class LocalEngine:
         meta = {**state, "topology": self.topology(), "optimizer_step": steps[0] if steps else 0,
                 "loss_scale": scale, "tensors": {key: list(value.shape) for key, value in tensors.items()}}
         pieces = [(key, 0, value.view(-1)) for key, value in tensors.items()]
-        checkpoint.save(out_dir, meta, pieces, rank=0, keep_last=self.t.keep_last)
+        checkpoint_dir.save(out_dir, meta, pieces, rank=0, keep_last=self.train_cfg.keep_last)
 
     def _tensors(self, kind: str):
         """(name, tensor) of the weights and router biases (kind "model"), or of an AdamW moment."""

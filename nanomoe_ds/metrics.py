@@ -195,10 +195,11 @@ def records(lines) -> list[dict]:
 
 
 class WandbSink:
-    def __init__(self, t: TrainConfig, config: dict):
+    def __init__(self, train_cfg: TrainConfig, config: dict):
         import wandb
         self.wandb = wandb
-        self.run = wandb.init(project=t.wandb_project, name=t.wandb_run_name, config=config, dir=t.out_dir)
+        self.run = wandb.init(project=train_cfg.wandb_project, name=train_cfg.wandb_run_name, config=config,
+                              dir=train_cfg.out_dir)
 
     def log(self, record: dict):
         self.run.log(scalars(record), step=record["iter"])
@@ -224,22 +225,22 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def check_sinks(t: TrainConfig):
+def check_sinks(train_cfg: TrainConfig):
     """Refuse, before any compute, a sink whose package is missing."""
-    if t.wandb_log and importlib.util.find_spec("wandb") is None:
+    if train_cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=True but wandb is not installed; pip install -e .[wandb] (or wandb_log=False)")
-    if t.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+    if train_cfg.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tensorboard_dir is set but tensorboard is not installed; pip install -e .[tensorboard]")
 
 
-def make_sinks(t: TrainConfig, config: dict) -> list[Sink]:
+def make_sinks(train_cfg: TrainConfig, config: dict) -> list[Sink]:
     """Where records go. An eval_only run is a reader: it holds no lock and writes nothing into out_dir,
     whose metrics.jsonl belongs to the run (its eval lines go to stdout and the other sinks)."""
-    sinks: list[Sink] = [] if t.eval_only else [JsonlSink(t.out_dir)]
-    if t.wandb_log:
-        sinks.append(WandbSink(t, config))
-    if t.tensorboard_dir:
-        sinks.append(TensorBoardSink(t.tensorboard_dir))
+    sinks: list[Sink] = [] if train_cfg.eval_only else [JsonlSink(train_cfg.out_dir)]
+    if train_cfg.wandb_log:
+        sinks.append(WandbSink(train_cfg, config))
+    if train_cfg.tensorboard_dir:
+        sinks.append(TensorBoardSink(train_cfg.tensorboard_dir))
     return sinks
 
 
@@ -287,12 +288,12 @@ class MetricsLog:
             sink.close(failed)
 
 
-def progress_bar(t: TrainConfig, start: int):
+def progress_bar(train_cfg: TrainConfig, start: int):
     """A tqdm bar over the run's iterations, or None: only where asked for and stdout is a terminal."""
-    if not (t.progress and sys.stdout.isatty()) or t.eval_only:
+    if not (train_cfg.progress and sys.stdout.isatty()) or train_cfg.eval_only:
         return None
     from tqdm import tqdm
-    return tqdm(total=t.max_iters + 1, initial=start, unit="it", dynamic_ncols=True, file=sys.stdout)
+    return tqdm(total=train_cfg.max_iters + 1, initial=start, unit="it", dynamic_ncols=True, file=sys.stdout)
 
 
 # ---------------------------------------------------------------- reading a run back

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import checkpoint
+from . import checkpoint, checkpoint_dir
 from .config import MODEL_KEYS, TRAIN_KEYS, ConfigError, GPTConfig, TrainConfig, to_dict
 from .consensus import first_error, rank0_decides
 
@@ -108,7 +108,7 @@ def open_to_resume(out_dir: str, iteration: int, may_fall_back: bool, rank: int,
     while True:
         ckpt, error = None, None
         try:
-            ckpt = checkpoint.open_checkpoint(out_dir, iteration)
+            ckpt = checkpoint_dir.open_checkpoint(out_dir, iteration)
         except checkpoint.CheckpointError as e:
             error = str(e)
         error = first_error(error)
@@ -137,10 +137,10 @@ def fall_back(out_dir: str, iteration: int, error: str, may_fall_back: bool, ran
     flaw = error.split("; ")[0]  # without the advice to resume from the previous one by hand
 
     def decide() -> tuple[int, str]:
-        older = [it for it, _ in checkpoint.committed(out_dir) if it < iteration]
+        older = [it for it, _ in checkpoint_dir.committed(out_dir) if it < iteration]
         if not (may_fall_back and older):
             raise checkpoint.CheckpointError(error)
-        moved = checkpoint.set_aside(out_dir, iteration)
+        moved = checkpoint_dir.set_aside(out_dir, iteration)
         print(f"note: {flaw}: moved iter_{iteration} aside to {moved.name}; resuming from iter_{older[-1]}",
               flush=True)
         return older[-1], moved.name

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, launch_env, resume, run_lock
+from . import checkpoint, checkpoint_dir, launch_env, resume, run_lock
 from .config import ConfigError, GPTConfig, TrainConfig, init_source, is_run_dir, resolve_init_from
 from .consensus import first_error, rank0_decides
 from .activation_checkpoint import checkpoint_blocks_
@@ -32,42 +32,45 @@ class Start:
     set_aside: list = field(default_factory=list)  # checkpoints a resume moved aside, for its record
 
 
-def decide(t: TrainConfig, given: frozenset) -> Start:
-    """Take the run's lock (a writer), pick the start on rank 0, and tell every rank. Resolves t.init_from
-    (auto becomes resume or scratch) and, for a resume, t.resume_iter. The caller releases the lock."""
+def decide(train_cfg: TrainConfig, given: frozenset) -> Start:
+    """Take the run's lock (a writer), pick the start on rank 0, and tell every rank. Resolves train_cfg.init_from
+    (auto becomes resume or scratch) and, for a resume, train_cfg.resume_iter. The caller releases the lock."""
     rank = launch_env.process_rank(os.environ)
-    if not t.eval_only:
-        checkpoint.check_writable(t.out_dir, rank)  # every rank: each writes its own shard there
-    asked = f"init_from={t.init_from}" + (f" (over the checkpoint in {t.out_dir})" if t.init_from == "auto" else "")
+    if not train_cfg.eval_only:
+        checkpoint_dir.check_writable(train_cfg.out_dir, rank)  # every rank: each writes its own shard there
+    asked = f"init_from={train_cfg.init_from}"
+    if train_cfg.init_from == "auto":
+        asked += f" (over the checkpoint in {train_cfg.out_dir})"
     # A resume that names no --resume_iter may fall back past a checkpoint that fails to verify.
-    may_fall_back = t.resume_iter == -1 and not t.eval_only  # a reader never moves anything
+    may_fall_back = train_cfg.resume_iter == -1 and not train_cfg.eval_only  # a reader never moves anything
 
     def lock_and_choose() -> tuple[str, int, str | None]:
-        if t.eval_only:  # a reader: no lock
-            return *choose_start(t), None
-        lock = run_lock.RunLock.acquire(t.out_dir)  # one writer per out_dir; the kernel frees it however we end
-        return *choose_start(t), lock.text
-    t.init_from, iteration, lock_text = rank0_decides(lock_and_choose, rank)
+        if train_cfg.eval_only:  # a reader: no lock
+            return *choose_start(train_cfg), None
+        lock = run_lock.RunLock.acquire(train_cfg.out_dir)  # one writer per out_dir; the kernel frees it however we end
+        return *choose_start(train_cfg), lock.text
+    train_cfg.init_from, iteration, lock_text = rank0_decides(lock_and_choose, rank)
     if lock_text is not None:
-        check_out_dir_shared(t.out_dir, lock_text, rank)
-    if t.init_from == "resume":
-        t.resume_iter = iteration
+        check_out_dir_shared(train_cfg.out_dir, lock_text, rank)
+    if train_cfg.init_from == "resume":
+        train_cfg.resume_iter = iteration
     return Start(rank, asked, iteration, may_fall_back, given)
 
 
-def choose_start(t: TrainConfig) -> tuple[str, int]:
+def choose_start(train_cfg: TrainConfig) -> tuple[str, int]:
     """Rank 0, holding the run's lock: finish or clear what a killed save left, then resolve init_from=auto
     and pick the checkpoint to start from: the one to resume, or a source run's newest (its iteration;
     -1 for an older version's ckpt.pt, or a source that is not a run of ours)."""
-    if t.init_from in ("resume", "auto") and not t.eval_only:  # a reader holds no lock: a run may be saving
-        checkpoint.recover_partial_saves(t.out_dir)
-    init_from = resolve_init_from(t.init_from, is_run_dir(t.out_dir), t.out_dir)
-    iteration = t.resume_iter
+    # A reader holds no lock: a run may be saving.
+    if train_cfg.init_from in ("resume", "auto") and not train_cfg.eval_only:
+        checkpoint_dir.recover_partial_saves(train_cfg.out_dir)
+    init_from = resolve_init_from(train_cfg.init_from, is_run_dir(train_cfg.out_dir), train_cfg.out_dir)
+    iteration = train_cfg.resume_iter
     if init_from == "resume" and iteration == -1:
-        found = checkpoint.committed(t.out_dir)
+        found = checkpoint_dir.committed(train_cfg.out_dir)
         iteration = found[-1][0] if found else -1  # none: an older version's ckpt.pt, or the refusal on opening
     elif init_source(init_from) == "run":  # every rank must load the same one, even while that run saves
-        found = checkpoint.committed(init_from)
+        found = checkpoint_dir.committed(init_from)
         iteration = found[-1][0] if found else -1
     return init_from, iteration
 
@@ -80,50 +83,70 @@ def check_out_dir_shared(out_dir: str, lock_text: str, rank: int):
         raise ConfigError(problem)
 
 
-def open_resumed(m: GPTConfig, t: TrainConfig, start: Start
+def open_resumed(model_cfg: GPTConfig, train_cfg: TrainConfig, start: Start
                  ) -> tuple[GPTConfig, TrainConfig, checkpoint.Checkpoint | None, resume.Resumed | None]:
     """For a resume: the checkpoint's metadata opened on every rank (tensors are read by engine.load), and the
     configs its run continues with (resume.reconcile), its notes printed on rank 0. Otherwise, as given."""
-    if t.init_from != "resume":
-        return m, t, None, None
-    ckpt = resume.open_to_resume(t.out_dir, t.resume_iter, start.may_fall_back, start.rank, start.set_aside)
-    resumed = resume.reconcile(ckpt.meta, m, t, start.given, start.asked)
+    if train_cfg.init_from != "resume":
+        return model_cfg, train_cfg, None, None
+    ckpt = resume.open_to_resume(train_cfg.out_dir, train_cfg.resume_iter, start.may_fall_back, start.rank,
+                                 start.set_aside)
+    resumed = resume.reconcile(ckpt.meta, model_cfg, train_cfg, start.given, start.asked)
     for line in resumed.notes() if start.rank == 0 else []:
         print(line, flush=True)
     return resumed.model_cfg, resumed.train_cfg, ckpt, resumed
 
 
-def build_model(m: GPTConfig, t: TrainConfig, source_iter: int = -1) -> GPT:
+def build_model(model_cfg: GPTConfig, train_cfg: TrainConfig, source_iter: int = -1) -> GPT:
     """A new model (scratch, resume), or one started from a dense source: with use_moe=True, upcycled.
     `source_iter` picks a run source's checkpoint (rank 0's choice; -1: its newest)."""
-    if t.init_from not in ("scratch", "resume"):  # a GPT-2 (name or HF directory) or a dense run's out_dir
-        dense = checkpoint.load_source(t.init_from, m.dropout, source_iter)
+    if train_cfg.init_from not in ("scratch", "resume"):  # a GPT-2 (name or HF directory) or a dense run's out_dir
+        dense = load_source(train_cfg.init_from, model_cfg.dropout, source_iter)
         if dense.config.use_moe:
-            raise ConfigError(f"init_from '{t.init_from}' is an MoE run; init_from=resume continues it "
+            raise ConfigError(f"init_from '{train_cfg.init_from}' is an MoE run; init_from=resume continues it "
                               "(with out_dir set to it), and upcycling starts from a dense model")
-        if m.block_size > dense.config.block_size:
-            raise ConfigError(f"block_size ({m.block_size}) exceeds the context of init_from '{t.init_from}' "
+        if model_cfg.block_size > dense.config.block_size:
+            raise ConfigError(f"block_size ({model_cfg.block_size}) exceeds the context of init_from "
+                              f"'{train_cfg.init_from}' "
                               f"({dense.config.block_size}); use block_size <= {dense.config.block_size}")
-        if not m.use_moe:
+        if not model_cfg.use_moe:
             return dense
-        return upcycle(dense, m, t.upcycle_router_std, t.upcycle_noise, seed=t.seed)
-    meta = load_meta(resolve_data_dir(t.dataset, t.data_dir))
-    m.vocab_size, why = choose_vocab(meta, m.vocab_size, GPTConfig.vocab_size)  # nanoGPT: the data's vocab
+        return upcycle(dense, model_cfg, train_cfg.upcycle_router_std, train_cfg.upcycle_noise, seed=train_cfg.seed)
+    meta = load_meta(resolve_data_dir(train_cfg.dataset, train_cfg.data_dir))
+    # nanoGPT: the data's vocab
+    model_cfg.vocab_size, why = choose_vocab(meta, model_cfg.vocab_size, GPTConfig.vocab_size)
     if why and launch_env.process_rank(os.environ) == 0:
         print(why, flush=True)
-    torch.manual_seed(t.seed)
-    return GPT(m)
+    torch.manual_seed(train_cfg.seed)
+    return GPT(model_cfg)
 
 
-def prepare_model(m: GPTConfig, t: TrainConfig, begin: Start, data_dir) -> GPT:
+def prepare_model(model_cfg: GPTConfig, train_cfg: TrainConfig, begin: Start, data_dir) -> GPT:
     """The model to train, on the CPU: built or loaded (build_model), cropped, its blocks checkpointed."""
-    model = build_model(m, t, begin.iteration)
+    model = build_model(model_cfg, train_cfg, begin.iteration)
     check_tokens_fit(data_dir, model.config.vocab_size)
-    if m.block_size < model.config.block_size:
-        model.crop_block_size(m.block_size)
-    if t.activation_checkpointing:
+    if model_cfg.block_size < model.config.block_size:
+        model.crop_block_size(model_cfg.block_size)
+    if train_cfg.activation_checkpointing:
         checkpoint_blocks_(model)
     if begin.rank == 0:
         print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, "
               f"{model.get_num_params(active=True) / 1e6:.2f}M active per token", flush=True)
     return model
+
+
+# ---------------------------------------------------------------- whole models (sampling, export, init_from)
+def model_from_checkpoint(ckpt: checkpoint.Checkpoint, dropout: float | None = None) -> GPT:
+    """The model a checkpoint holds, whole on the CPU; checkpoints older than the `activation` key get exact GELU."""
+    args = ckpt.meta["model_args"] if dropout is None else {**ckpt.meta["model_args"], "dropout": dropout}
+    model = GPT(GPTConfig(**args))
+    model.load_state_dict(ckpt.model_state(model))
+    return model
+
+
+def load_source(init_from: str, dropout: float, iteration: int = -1) -> GPT:
+    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run of ours
+    (its checkpoint `iteration`, -1 for the newest)."""
+    if init_source(init_from) == "hf":
+        return GPT.from_pretrained(init_from, {"dropout": dropout})
+    return model_from_checkpoint(checkpoint_dir.open_checkpoint(init_from, iteration), dropout=dropout)

@@ -911,7 +911,7 @@ class Chaos:
 
     # ---------------------------------------------------------- checks against the reference
     def check(self, ep: int, run_dir: Path):
-        from nanomoe_ds import checkpoint
+        from nanomoe_ds import checkpoint_dir
         import torch
         label = f"ep{ep}"
         ref = self.ref["dir"]
@@ -922,7 +922,7 @@ class Chaos:
         else:
             it = self.M if self.M in common else common[-1]
             try:
-                a, b = checkpoint.open_checkpoint(str(run_dir), it), checkpoint.open_checkpoint(str(ref), it)
+                a, b = checkpoint_dir.open_checkpoint(str(run_dir), it), checkpoint_dir.open_checkpoint(str(ref), it)
                 if set(a.meta["tensors"]) != set(b.meta["tensors"]):
                     self.failures.append(f"{label}: iter_{it} holds other tensors than the reference's")
                 worst, differ = 0.0, []

@@ -45,8 +45,8 @@ def tiny_args(data_dir: Path, out_dir: Path, **over) -> list[str]:
 
 def read_checkpoint(out_dir: Path) -> dict:
     """The newest checkpoint in out_dir: its metadata, and `model` as whole fp32 tensors by name."""
-    from nanomoe_ds import checkpoint
-    ck = checkpoint.open_checkpoint(str(out_dir))
+    from nanomoe_ds import checkpoint_dir
+    ck = checkpoint_dir.open_checkpoint(str(out_dir))
     model = {key.split("/", 1)[1]: ck.whole(key) for key in ck.meta["tensors"] if key.startswith("model/")}
     return {**ck.meta, "model": model}
 

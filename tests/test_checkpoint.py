@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, tiny_args
 from dist_utils import ds_json, run_ranks, start_ranks, train_rows, wait_for_iter
 
-from nanomoe_ds import checkpoint
+from nanomoe_ds import checkpoint, checkpoint_dir
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.trainer import train
 
@@ -121,7 +121,7 @@ def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, char_dat
 def test_each_rank_writes_its_share_once(saved):
     """Two ranks, ZeRO-2, ep_size 2: two shards of about equal size that hold every element once."""
     at3, _ = saved("w2ep2-zero2")
-    ck = checkpoint.open_checkpoint(str(at3))
+    ck = checkpoint_dir.open_checkpoint(str(at3))
     assert ck.meta["topology"] == {"engine": "deepspeed", "world_size": 2, "ep_size": 2, "zero_stage": 2,
                                    "dtype": "float32"}
     assert ck.shape("model/transformer.h.0.mlp.experts.w_in")[0] == 4  # the whole tensor's shape: every expert
@@ -139,7 +139,7 @@ def test_each_rank_writes_its_share_once(saved):
 def test_zero3_ranks_write_their_partitions_without_the_padding(saved):
     """ZeRO-3 pads each parameter to a multiple of the ranks; the shards hold every element once, no padding."""
     at3, _ = saved("w2-zero3-dense")
-    ck = checkpoint.open_checkpoint(str(at3))
+    ck = checkpoint_dir.open_checkpoint(str(at3))
     assert ck.meta["topology"]["zero_stage"] == 3
     shapes = ck.meta["tensors"]
     assert shapes["model/transformer.wte.weight"] == [65, 33]  # the whole shape, not a partition's
@@ -167,7 +167,7 @@ def test_export_writes_one_file_that_resumes_as_an_older_versions_checkpoint(sav
     resumed = train_rows(tmp_path / "run")[-4:]
     for a, b in zip(resumed, continued):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert checkpoint.open_checkpoint(str(tmp_path / "run")).name == "iter_6"  # saved in the sharded format
+    assert checkpoint_dir.open_checkpoint(str(tmp_path / "run")).name == "iter_6"  # saved in the sharded format
 
 
 # ------------------------------------------------------------ compatibility and corruption, in-process
@@ -179,7 +179,7 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offere
     train(model_cfg, train_cfg)
     shard = tmp_path / "iter_6" / "shard_00000.bin"
     data = bytearray(shard.read_bytes())
-    records = checkpoint.open_checkpoint(str(tmp_path)).meta["records"]
+    records = checkpoint_dir.open_checkpoint(str(tmp_path)).meta["records"]
     _, _, numel, _, position, _ = max((r for r in records if r[0].startswith("model/")), key=lambda r: r[2])
     data[position + 4 * (numel // 2)] ^= 0x01  # the lowest mantissa bit of one weight (sample.py reads weights)
     shard.write_bytes(bytes(data))
@@ -228,8 +228,8 @@ def test_complete_partial_saves_are_finished_in_iteration_order(char_data, tmp_p
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=12, eval_interval=3, keep_last=4)))
     for it in (9, 12):
         (tmp_path / f"iter_{it}").rename(tmp_path / f"iter_{it}.partial")
-    checkpoint.recover_partial_saves(str(tmp_path))
-    assert [it for it, _ in checkpoint.committed(str(tmp_path))][-2:] == [9, 12]
+    checkpoint_dir.recover_partial_saves(str(tmp_path))
+    assert [it for it, _ in checkpoint_dir.committed(str(tmp_path))][-2:] == [9, 12]
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -250,16 +250,15 @@ def test_eval_only_is_a_reader_and_changes_nothing_in_out_dir(char_data, tmp_pat
 
 def test_metadata_of_the_wrong_shape_is_corrupt_not_a_traceback(char_data, tmp_path):
     """metadata.json that parses, with a valid checksum, but holds a string where the index has a list."""
-    import zlib
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=3, eval_interval=3)))
     path = tmp_path / "iter_3" / "metadata.json"
     meta = json.loads(path.read_bytes())
     meta.pop("crc32")
     meta["files"] = "shard_00000.bin"
-    path.write_bytes(json.dumps({**meta, "crc32": zlib.crc32(checkpoint._canonical(meta))}).encode())
+    path.write_bytes(checkpoint.metadata_bytes(meta))
     with pytest.raises(checkpoint.CheckpointError, match=r"metadata.json is inconsistent \(AttributeError: .*; "
                                                          r"no earlier checkpoint is left in this out_dir"):
-        checkpoint.open_checkpoint(str(tmp_path))
+        checkpoint_dir.open_checkpoint(str(tmp_path))
 
 
 def test_a_tampered_index_is_refused_in_one_line(char_data, tmp_path):
@@ -271,11 +270,11 @@ def test_a_tampered_index_is_refused_in_one_line(char_data, tmp_path):
     meta["records"][0][1] += 8
     path.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match=rf"^{path} is unreadable or fails its checksum; "):
-        checkpoint.open_checkpoint(str(tmp_path))
+        checkpoint_dir.open_checkpoint(str(tmp_path))
     del meta["crc32"]  # the same edit with a valid checksum (a bug, not a flipped bit): the index check stops it
-    path.write_text(json.dumps({**meta, "crc32": __import__("zlib").crc32(checkpoint._canonical(meta))}))
+    path.write_bytes(checkpoint.metadata_bytes(meta))
     with pytest.raises(checkpoint.CheckpointError, match=r"is inconsistent \(.*: elements 0-8 are missing\)"):
-        checkpoint.open_checkpoint(str(tmp_path))
+        checkpoint_dir.open_checkpoint(str(tmp_path))
 
 
 def test_resume_iter_names_a_committed_checkpoint(char_data, tmp_path):
@@ -395,7 +394,7 @@ def test_kill_during_saves_then_resume_from_newest_complete(char_data, tmp_path,
         for p in procs:
             p.kill()
             p.communicate()
-    committed = checkpoint.open_checkpoint(str(tmp_path / "run")).meta["iter_num"]
+    committed = checkpoint_dir.open_checkpoint(str(tmp_path / "run")).meta["iter_num"]
     resume = [a if not a.startswith("--max_iters") else f"--max_iters={committed + 1}" for a in args]
     res = run_ranks(2, [*resume, "--init_from=resume"])
     assert [r.returncode for r in res] == [0, 0], res[0].stderr[-3000:]
@@ -450,7 +449,7 @@ def test_a_save_that_fails_for_another_reason_than_the_disk_says_so(tmp_path, ca
         raise KeyError("exp_avg")
         yield
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.save(str(tmp_path), {"iter_num": 3}, pieces(), rank=0, keep_last=1)
+        checkpoint_dir.save(str(tmp_path), {"iter_num": 3}, pieces(), rank=0, keep_last=1)
     assert str(e.value) == ("cannot save the checkpoint of iteration 3: rank 0: KeyError: 'exp_avg'; no checkpoint "
                             "was committed; this is a bug, not the disk (its traceback is above): please report it, then "
                             "continue with --init_from=resume")
@@ -461,13 +460,13 @@ def test_a_save_that_fails_for_another_reason_than_the_disk_says_so(tmp_path, ca
 def test_a_staging_directory_missing_on_a_rank_says_the_out_dir_is_not_shared(tmp_path):
     """ENOENT while a rank writes its share: rank 0 made the staging directory, this rank cannot see it. The
     start-up check catches an out_dir local to one node; this is what a save says if it changes mid-run."""
-    class StagingGone(checkpoint.SingleProcess):  # rank 0's directory, out of this rank's sight
+    class StagingGone(checkpoint_dir.SingleProcess):  # rank 0's directory, out of this rank's sight
         def broadcast(self, obj):
-            shutil.rmtree(checkpoint.staging_dir(str(tmp_path), 3), ignore_errors=True)
+            shutil.rmtree(checkpoint_dir.staging_dir(str(tmp_path), 3), ignore_errors=True)
             return obj
     pieces = [("model/w", 0, torch.ones(4))]
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.save(str(tmp_path), {"iter_num": 3}, pieces, rank=0, keep_last=1, collectives=StagingGone())
+        checkpoint_dir.save(str(tmp_path), {"iter_num": 3}, pieces, rank=0, keep_last=1, collectives=StagingGone())
     assert str(e.value) == (f"cannot save the checkpoint of iteration 3: {tmp_path}/iter_3.partial/shard_00000.bin: "
                             "No such file or directory (this rank's share needs 0.0 MiB); no checkpoint was committed; "
                             "it is not there on this node: a multi-node run needs an out_dir that every node shares, "
@@ -497,13 +496,13 @@ def test_no_rank_holds_more_than_its_share_during_a_save_or_a_resharded_load(tmp
 # ------------------------------------------------------------ fp16: the loss scale travels with the checkpoint
 def set_saved_loss_scale(out_dir, scale: float):
     """Stand in for a run whose scaler lowered the scale after overflows: rewrite the newest checkpoint's."""
-    path = checkpoint.open_checkpoint(str(out_dir)).directory / checkpoint.METADATA
+    path = checkpoint_dir.open_checkpoint(str(out_dir)).directory / checkpoint.METADATA
     meta = json.loads(path.read_text())
     del meta["crc32"]
     meta["loss_scale"]["scale"] = scale
     if "torch" in meta["loss_scale"]:
         meta["loss_scale"]["torch"]["scale"] = scale
-    path.write_text(json.dumps({**meta, "crc32": __import__("zlib").crc32(checkpoint._canonical(meta))}))
+    path.write_bytes(checkpoint.metadata_bytes(meta))
 
 
 def test_the_fp16_loss_scale_survives_a_resume(char_data, tmp_path, monkeypatch):
@@ -513,7 +512,7 @@ def test_the_fp16_loss_scale_survives_a_resume(char_data, tmp_path, monkeypatch)
     train(*from_argv(tiny_args(char_data, tmp_path, dtype="float16", max_iters=3)))
     set_saved_loss_scale(tmp_path, 1024.0)
     train(*from_argv(tiny_args(char_data, tmp_path, dtype="float16", max_iters=6, init_from="resume")))
-    assert checkpoint.open_checkpoint(str(tmp_path)).meta["loss_scale"]["scale"] == 1024.0  # not back to 2**16
+    assert checkpoint_dir.open_checkpoint(str(tmp_path)).meta["loss_scale"]["scale"] == 1024.0  # not back to 2**16
 
 
 @pytest.mark.skipif(not __import__("nanomoe_ds.precision").precision.supports("cpu").float16,
@@ -534,7 +533,7 @@ def test_the_fp16_loss_scale_survives_a_resharded_deepspeed_resume(char_data, tm
     res = run_ranks(2, [*resume, "--init_from=resume", "--ep_size=1"])
     assert [r.returncode for r in res] == [0, 0], res[0].stderr[-2000:]
     assert "resharded from deepspeed world 2, ep_size 2" in res[0].stdout
-    assert checkpoint.open_checkpoint(str(tmp_path / "run")).meta["loss_scale"]["scale"] == 1024.0
+    assert checkpoint_dir.open_checkpoint(str(tmp_path / "run")).meta["loss_scale"]["scale"] == 1024.0
 
 
 def test_a_stale_directory_at_a_saved_iteration_is_moved_aside_and_nothing_committed_is_lost(char_data, tmp_path):
@@ -542,12 +541,12 @@ def test_a_stale_directory_at_a_saved_iteration_is_moved_aside_and_nothing_commi
     the save succeeds, the stale directory is kept aside with its contents, and the rewind discards only the
     abandoned timeline's newer checkpoint (iter_20), after iter_17 is in place."""
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=20, eval_interval=5, keep_last=4)))
-    assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [5, 10, 15, 20]
+    assert [it for it, _ in checkpoint_dir.committed(str(tmp_path))] == [5, 10, 15, 20]
     (tmp_path / "iter_17").mkdir()
     (tmp_path / "iter_17" / "notes.txt").write_text("mine")
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=17, eval_interval=17, keep_last=4,
                                init_from="resume", resume_iter=15)))
-    assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [5, 10, 15, 17]
+    assert [it for it, _ in checkpoint_dir.committed(str(tmp_path))] == [5, 10, 15, 17]
     assert (tmp_path / "iter_17.stale" / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.glob("*.discard")) and not list(tmp_path.glob("*.partial"))
 
@@ -558,8 +557,8 @@ def test_a_complete_partial_beside_a_stale_directory_of_its_iteration_is_install
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
     (tmp_path / "iter_6").rename(tmp_path / "iter_6.partial")
     (tmp_path / "iter_6").mkdir()
-    checkpoint.recover_partial_saves(str(tmp_path))
-    assert [it for it, _ in checkpoint.committed(str(tmp_path))] == [3, 6]
+    checkpoint_dir.recover_partial_saves(str(tmp_path))
+    assert [it for it, _ in checkpoint_dir.committed(str(tmp_path))] == [3, 6]
     assert (tmp_path / "iter_6.stale").is_dir()
 
 

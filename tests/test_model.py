@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanomoe_ds import checkpoint, train_state
+from nanomoe_ds import checkpoint_dir, start, train_state
 from nanomoe_ds.config import ConfigError, GPTConfig
 from nanomoe_ds.model import GPT
 from nanomoe_ds.mlp import MLP
@@ -208,6 +208,6 @@ def test_checkpoints_from_before_the_activation_key_load_with_exact_gelu(tmp_pat
     torch.save({"model_args": args, "model": model.state_dict(), "optimizer_state": {"step": 0, "moments": {}},
                 "topology": train_state.topology("local", 1, 1, None, "float32"), "rng": train_state.rng_state(),
                 "iter_num": 0}, tmp_path / "ckpt.pt")
-    loaded = checkpoint.model_from_checkpoint(checkpoint.open_checkpoint(str(tmp_path)), dropout=0.1)
+    loaded = start.model_from_checkpoint(checkpoint_dir.open_checkpoint(str(tmp_path)), dropout=0.1)
     assert loaded.config.activation == "gelu" and loaded.config.dropout == 0.1
     torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanomoe_ds import checkpoint, precision
+from nanomoe_ds import checkpoint_dir, precision
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.precision import Support
 from nanomoe_ds.local_engine import resolve_device
@@ -69,5 +69,5 @@ def test_fp16_trains_on_a_cpu_that_has_it(char_data, tmp_path, monkeypatch):
     m, t = from_argv(tiny_args(char_data, tmp_path, dtype="float16", max_iters=3, eval_interval=3))
     res = train(m, t)
     assert len(res["train_losses"]) == 4 and all(math.isfinite(x) for x in res["train_losses"])
-    ck = checkpoint.open_checkpoint(str(tmp_path)).meta
+    ck = checkpoint_dir.open_checkpoint(str(tmp_path)).meta
     assert ck["loss_scale"]["scale"] > 1  # the loss scaler was on

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, tiny_args
 from dist_utils import ds_json, run_ranks
-from nanomoe_ds import checkpoint, resume
+from nanomoe_ds import checkpoint_dir, resume
 from nanomoe_ds.config import ALL_KEYS, ConfigError, GPTConfig, TrainConfig, to_dict
 
 
@@ -118,7 +118,7 @@ def test_a_restart_command_that_lost_keys_continues_the_same_run(char_data, tmp_
 # ------------------------------------------------------------ falling back past a checkpoint that fails to verify
 def flip_a_weight_bit(directory, shard: str = "shard_00000.bin"):
     """The lowest mantissa bit of one weight in `shard`: the value barely changes, only the checksum can tell."""
-    records = checkpoint.open_checkpoint(str(directory.parent), int(directory.name[5:])).meta["records"]
+    records = checkpoint_dir.open_checkpoint(str(directory.parent), int(directory.name[5:])).meta["records"]
     _, _, numel, _, position, _ = max((r for r in records if r[3] == shard), key=lambda r: r[2])
     data = bytearray((directory / shard).read_bytes())
     data[position + 4 * (numel // 2)] ^= 0x01
@@ -126,7 +126,7 @@ def flip_a_weight_bit(directory, shard: str = "shard_00000.bin"):
 
 
 def everything(out_dir, iteration: int) -> dict:
-    ckpt = checkpoint.open_checkpoint(str(out_dir), iteration)
+    ckpt = checkpoint_dir.open_checkpoint(str(out_dir), iteration)
     return {key: ckpt.whole(key) for key in ckpt.meta["tensors"]}
 
 

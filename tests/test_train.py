@@ -64,8 +64,8 @@ def test_resume_reproduces_uninterrupted_losses(char_data, tmp_path):
 
 def test_resume_keeps_router_bias(char_data, tmp_path):
     run_tiny(char_data, tmp_path, bias_update_rate=0.01, max_iters=3)
-    from nanomoe_ds import checkpoint
-    bias = checkpoint.open_checkpoint(str(tmp_path)).whole("model/transformer.h.0.mlp.router.score_bias")
+    from nanomoe_ds import checkpoint_dir
+    bias = checkpoint_dir.open_checkpoint(str(tmp_path)).whole("model/transformer.h.0.mlp.router.score_bias")
     assert bias.abs().sum() > 0  # moved by the sign rule, and saved
 
 
@@ -120,7 +120,7 @@ def test_finetune_from_local_gpt2(char_data, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, n_positions=64)).save_pretrained(tmp_path / "hf")
     res = run_tiny(char_data, tmp_path / "out", init_from=str(tmp_path / "hf"), use_moe=False, max_iters=2, eval_interval=2)
     assert len(res["train_losses"]) == 3
-    ck = __import__("nanomoe_ds.checkpoint").checkpoint.open_checkpoint(str(tmp_path / "out")).meta
+    ck = __import__("nanomoe_ds.checkpoint_dir").checkpoint_dir.open_checkpoint(str(tmp_path / "out")).meta
     assert ck["model_args"]["block_size"] == 32  # cropped from the pretrained 64
     # use_moe=True upcycles it: the step-0 losses are the dense model's
     run_tiny(char_data, tmp_path / "moe", init_from=str(tmp_path / "hf"), max_iters=0, eval_interval=2)
@@ -317,14 +317,14 @@ def test_rank_0_picks_the_source_runs_checkpoint_and_every_rank_loads_that_one(c
     """init_from=<a dense run>: rank 0 chooses the source's newest checkpoint (choose_start) and the ranks
     build from that iteration, not each from whatever is newest when it looks (the source may be saving)."""
     import torch
-    from nanomoe_ds import checkpoint
+    from nanomoe_ds import checkpoint_dir
     from nanomoe_ds.start import build_model, choose_start
     source = tmp_path / "dense"
     run_tiny(char_data, source, use_moe=False, max_iters=6, eval_interval=3)
     m, t = from_argv(tiny_args(char_data, tmp_path / "moe", init_from=str(source)))
     assert choose_start(t) == (str(source), 6)
     model = build_model(m, t, 3)  # as if rank 0 had chosen iteration 3
-    older = checkpoint.open_checkpoint(str(source), 3)
+    older = checkpoint_dir.open_checkpoint(str(source), 3)
     expert = model.transformer.h[0].mlp.experts.w_in[0]  # upcycled: every expert starts as the dense MLP
     torch.testing.assert_close(expert, older.whole("model/transformer.h.0.mlp.c_fc.weight").t(), rtol=0, atol=0)
 

@@ -10,8 +10,8 @@ import torch
 from conftest import REPO, tiny_args
 from dist_utils import ds_json, run_ranks
 
-from nanomoe_ds import checkpoint
-from nanomoe_ds.checkpoint import load_source
+from nanomoe_ds import checkpoint_dir
+from nanomoe_ds.start import load_source
 from nanomoe_ds.config import GATES, ConfigError, GPTConfig, from_argv
 from nanomoe_ds.model import GPT
 from nanomoe_ds.trainer import train
@@ -179,7 +179,7 @@ def test_trainer_upcycles_a_dense_run(char_data, tmp_path, dense_run):
     src, dense_losses = dense_run
     train(*from_argv(tiny_args(char_data, tmp_path, init_from=str(src), gate="sigmoid", **UPCYCLE)))
     assert step0(tmp_path) == pytest.approx(dense_losses, rel=1e-5)
-    ck = checkpoint.open_checkpoint(str(tmp_path)).meta
+    ck = checkpoint_dir.open_checkpoint(str(tmp_path)).meta
     assert ck["model_args"]["use_moe"] and ck["model_args"]["activation"] == "gelu_tanh"  # the source's, not ours
 
 
@@ -192,7 +192,7 @@ def test_deepspeed_ep2_upcycles_after_sharding(char_data, tmp_path, source, requ
     for r in res:
         assert r.returncode == 0, r.stderr[-3000:]
     assert step0(tmp_path / "ds") == pytest.approx(dense_losses, rel=1e-5)
-    ck = checkpoint.open_checkpoint(str(tmp_path / "ds"))
+    ck = checkpoint_dir.open_checkpoint(str(tmp_path / "ds"))
     assert ck.shape("model/transformer.h.0.mlp.experts.w_in")[0] == 4  # every expert saved, from both ranks
     assert {r[3] for r in ck.meta["records"] if ".experts." in r[0]} == {"shard_00000.bin", "shard_00001.bin"}
 
