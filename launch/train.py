@@ -29,6 +29,7 @@ def main(argv):
     from nanomoe_ds.trainer import train
     if train_cfg.deepspeed_config:
         ds_engine.shutdown(ds_engine.run(model_cfg, train_cfg, given))  # ends the process, without gloo's abort
+        return
     try:
         train(model_cfg, train_cfg, given=given)
     except Exception as e:
