@@ -22,7 +22,8 @@ from conftest import REPO, tiny_args
 from dist_utils import free_port, loopback_env
 
 DOC = REPO / "docs/errors.md"
-SCRIPTS = {"train": "launch/train.py", "sample": "launch/sample.py", "char": "data/shakespeare_char/prepare.py",
+SCRIPTS = {"train": "launch/train.py", "sample": "launch/sample.py", "export": "launch/export.py",
+           "char": "data/shakespeare_char/prepare.py",
            "bpe": "data/shakespeare/prepare.py", "owt": "data/openwebtext/prepare.py"}
 SKIPS = {"cuda": ("CUDA is available here", lambda: __import__("torch").cuda.is_available())}
 
@@ -278,6 +279,19 @@ ROWS = [
     Row("owt", "--out_dir <tmp>/f", "--out_dir <tmp>/f cannot be made: <tmp>/f is a file",
         "an --out_dir that is a file", files=(("f", "x"),)),
     Row("owt", "--split_on word", "argument --split_on: invalid choice: 'word'", "an unknown --split_on"),
+    # ------------------------------------------------ launch/export.py
+    Row("export", "<ckpt> <tmp>/hf --format=onnx", "argument --format: invalid choice: 'onnx'", "an unknown format"),
+    Row("export", "<ckpt> <tmp>/hf --format=hf --weights_only",
+        "--weights_only is for --format=pt; --format=hf writes the weights alone", "--weights_only with --format=hf"),
+    Row("export", "<ckpt> <tmp>/model.pt --max_shard_size=1GB",
+        "--max_shard_size is for --format=hf; the .pt format keeps the checkpoint's fp32 in one file",
+        "an option of --format=hf (--dtype, --max_shard_size) with the .pt format"),
+    Row("export", "<ckpt> <tmp>/hf --format=hf --max_shard_size=5XB",
+        "argument --max_shard_size: expected a positive size such as 5GB, 500MB or 2GiB, got '5XB'",
+        "a shard size that is not one"),
+    Row("export", "<ckpt> <tmp>/hf --format=hf", "<tmp>/hf already exists and is not an empty directory; export into "
+        "a new directory (an export never overwrites)", "an export directory that holds files",
+        files=(("hf/keep.txt", "mine"),)),
 ]
 
 
@@ -374,6 +388,9 @@ def render() -> str:
               "  (another activation_function, n_inner, layer_norm_epsilon): they need a dense source; tested",
               "  in-process in tests/test_upcycle.py and tests/test_model.py;",
               "- a GPT-2 name with no network and no cache: tested in-process in tests/test_model.py;",
+              "- an export (`launch/export.py --format=hf`) of a checkpoint with a model key or value the exported",
+              "  model does not implement, or whose index disagrees with its model_args: need a checkpoint edited",
+              "  by hand; tested in-process in tests/test_export.py;",
               "- the benchmark scripts' argument checks (bench/*.py), which are not part of training.", "",
               "Stops during training, exit status 3 and nothing of the bad state saved (not input errors, so not",
               "in the table): a non-finite loss or gradient norm (tests/test_checkpoint.py); replicas of a weight that",
