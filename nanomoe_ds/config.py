@@ -104,7 +104,8 @@ class TrainConfig:
     resume_iter: int = -1  # init_from=resume: the newest committed checkpoint (-1), or iter_N for N
     # scratch | resume | auto (resume if out_dir holds a checkpoint, else scratch: one command for the first
     # start and every restart) | a GPT-2 name (HF_GPT2_NAMES) | a local HF GPT-2 dir | the out_dir of a dense
-    # run. A dense source with use_moe=True is upcycled (upcycle.py).
+    # run | an MoE exported by launch/export.py --format=hf (it continues as it is). A dense source with
+    # use_moe=True is upcycled (upcycle.py).
     init_from: str = "scratch"
     upcycle_router_std: float = 0.02  # fresh router init when upcycling: its randomness breaks expert symmetry
     upcycle_noise: float = 0.0  # > 0 perturbs expert copies multiplicatively (gives up the exact step-0 start)
@@ -315,7 +316,7 @@ def validate_train(train_cfg: TrainConfig):
             f"iteration {train_cfg.resume_iter} again at each one)" if train_cfg.init_from == "auto" else ""))
     _check(train_cfg.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"unknown dtype '{train_cfg.dtype}'; choose auto, float32, bfloat16 or float16")
-    if init_source(train_cfg.init_from) == "run":
+    if init_source(train_cfg.init_from) in ("run", "export"):
         _check(os.path.realpath(train_cfg.init_from) != os.path.realpath(train_cfg.out_dir),
                f"init_from and out_dir are the same directory ('{train_cfg.out_dir}'): the new run would overwrite its "
                "source; choose another out_dir, or init_from=resume to continue that run")
@@ -382,9 +383,9 @@ def init_source(init_from: str) -> str:
     """What `init_from` names, checked without loading any weights.
 
     Returns "scratch", "resume", "auto", "hf" (a GPT-2 name, or a local Hugging Face GPT-2
-    directory) or "run" (the out_dir of a run of ours: a committed iter_N/, or an older
-    version's ckpt.pt). Anything else
-    is refused in one line that says what was expected.
+    directory), "export" (an MoE that `launch/export.py --format=hf` wrote: it continues as it
+    is) or "run" (the out_dir of a run of ours: a committed iter_N/, or an older version's
+    ckpt.pt). Anything else is refused in one line that says what was expected.
     """
     if init_from in ("scratch", "resume", "auto"):
         return init_from
@@ -399,11 +400,12 @@ def init_source(init_from: str) -> str:
                 model_type = json.load(f).get("model_type")
         except (OSError, ValueError, AttributeError):
             raise ConfigError(f"init_from '{hf_config}' is not a readable JSON object") from None
-        _check(model_type == "gpt2", f"init_from '{init_from}' holds a Hugging Face '{model_type}' model; "
-                                     "only GPT-2 (model_type gpt2) can be loaded")
+        _check(model_type in ("gpt2", "nanomoe"), f"init_from '{init_from}' holds a Hugging Face '{model_type}' "
+               "model; only GPT-2 (model_type gpt2) can be loaded, or an MoE exported by launch/export.py (nanomoe)")
         _check(any(os.path.isfile(os.path.join(init_from, w)) for w in HF_WEIGHT_FILES),
-               f"init_from '{init_from}' has a GPT-2 config.json but no weights ({' or '.join(HF_WEIGHT_FILES[:2])})")
-        return "hf"
+               f"init_from '{init_from}' has a {'GPT-2' if model_type == 'gpt2' else 'nanomoe'} config.json but no "
+               f"weights ({' or '.join(HF_WEIGHT_FILES[:2])})")
+        return "hf" if model_type == "gpt2" else "export"
     _check(init_from in HF_GPT2_NAMES,
            f"unknown init_from '{init_from}'; expected scratch, resume, auto, a GPT-2 name ({', '.join(HF_GPT2_NAMES[:5])}, "
            f"or openai-community/ forms), a local Hugging Face GPT-2 directory, or the out_dir of a run of ours "

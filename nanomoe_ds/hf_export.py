@@ -445,3 +445,37 @@ def export_hf(ckpt, dest: str, metrics_path: Path | None, dtype: str = "float32"
         "GPT2LMHeadModel.from_pretrained(DIR)"
     return (f"wrote {target}: iteration {ckpt.meta['iter_num']} of {ckpt.directory}, {len(plan)} tensors "
             f"({dtype}) in {len(shards)} file(s); {tokenizer_phrase(tokenizer)}; load it with {load}")
+
+
+# ---------------------------------------------------------------- back: an exported MoE to train on (init_from)
+def load_export(directory: str, run_cfg: GPTConfig) -> GPT:
+    """An MoE this module exported, as a model to train (init_from=DIR): its shape from config.json, the run's
+    dropout and training-only keys, its weights read from the safetensors files a tensor at a time."""
+    from safetensors import safe_open
+    path = Path(directory)
+    config = json.loads((path / "config.json").read_text())
+    lacking = [k for k in model_keys() if k not in config]
+    if lacking:
+        raise ConfigError(f"init_from '{directory}': its config.json has no {', '.join(lacking)}; export the run "
+                          "again with launch/export.py --format=hf")
+    model = GPT(exportable_config({**{k: config[k] for k in model_keys()}, "dropout": run_cfg.dropout,
+                                   **{k: getattr(run_cfg, k) for k in TRAINING_ONLY_KEYS}}))
+    wanted, targets = saved_shapes(model.config), {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    loaded = set()
+    with torch.no_grad():
+        for name in files:
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if wanted.get(key) != tuple(tensor.shape):
+                        raise ConfigError(f"init_from '{directory}': {name} holds {key} {list(tensor.shape)}, which "
+                                          "its config.json does not make; export the run again")
+                    targets[key].copy_(tensor)
+                    loaded.add(key)
+    if set(wanted) - loaded:
+        raise ConfigError(f"init_from '{directory}' has no {', '.join(sorted(set(wanted) - loaded)[:3])}; "
+                          "export the run again")
+    return model

@@ -98,20 +98,22 @@ def open_resumed(model_cfg: GPTConfig, train_cfg: TrainConfig, start: Start
 
 
 def build_model(model_cfg: GPTConfig, train_cfg: TrainConfig, source_iter: int = -1) -> GPT:
-    """A new model (scratch, resume), or one started from a dense source: with use_moe=True, upcycled.
-    `source_iter` picks a run source's checkpoint (rank 0's choice; -1: its newest)."""
-    if train_cfg.init_from not in ("scratch", "resume"):  # a GPT-2 (name or HF directory) or a dense run's out_dir
-        dense = load_source(train_cfg.init_from, model_cfg.dropout, source_iter)
-        if dense.config.use_moe:
+    """A new model (scratch, resume), or one started from a source: a dense one (upcycled with use_moe=True), or
+    an exported MoE, which continues as it is. `source_iter` picks a run source's checkpoint (rank 0's choice;
+    -1: its newest)."""
+    if train_cfg.init_from not in ("scratch", "resume"):  # a GPT-2, a dense run's out_dir, an exported MoE
+        source = load_source(train_cfg.init_from, model_cfg, source_iter)
+        exported = init_source(train_cfg.init_from) == "export"
+        if source.config.use_moe and not exported:
             raise ConfigError(f"init_from '{train_cfg.init_from}' is an MoE run; init_from=resume continues it "
                               "(with out_dir set to it), and upcycling starts from a dense model")
-        if model_cfg.block_size > dense.config.block_size:
+        if model_cfg.block_size > source.config.block_size:
             raise ConfigError(f"block_size ({model_cfg.block_size}) exceeds the context of init_from "
                               f"'{train_cfg.init_from}' "
-                              f"({dense.config.block_size}); use block_size <= {dense.config.block_size}")
-        if not model_cfg.use_moe:
-            return dense
-        return upcycle(dense, model_cfg, train_cfg.upcycle_router_std, train_cfg.upcycle_noise, seed=train_cfg.seed)
+                              f"({source.config.block_size}); use block_size <= {source.config.block_size}")
+        if exported or not model_cfg.use_moe:  # an exported MoE continues as it is (a new run: a new optimizer)
+            return source
+        return upcycle(source, model_cfg, train_cfg.upcycle_router_std, train_cfg.upcycle_noise, seed=train_cfg.seed)
     meta = load_meta(resolve_data_dir(train_cfg.dataset, train_cfg.data_dir))
     # nanoGPT: the data's vocab
     model_cfg.vocab_size, why = choose_vocab(meta, model_cfg.vocab_size, GPTConfig.vocab_size)
@@ -144,9 +146,14 @@ def model_from_checkpoint(ckpt: checkpoint.Checkpoint, dropout: float | None = N
     return model
 
 
-def load_source(init_from: str, dropout: float, iteration: int = -1) -> GPT:
-    """The model an init_from source names (config.init_source): GPT-2 through transformers, or a run of ours
-    (its checkpoint `iteration`, -1 for the newest)."""
-    if init_source(init_from) == "hf":
-        return GPT.from_pretrained(init_from, {"dropout": dropout})
-    return model_from_checkpoint(checkpoint_dir.open_checkpoint(init_from, iteration), dropout=dropout)
+def load_source(init_from: str, model_cfg: GPTConfig, iteration: int = -1) -> GPT:
+    """The model an init_from source names (config.init_source): GPT-2 through transformers, an MoE exported for
+    transformers, or a run of ours (its checkpoint `iteration`, -1 for the newest). The source decides the
+    model's shape; `model_cfg` (the run's) its dropout and, for an export, the training-only keys."""
+    kind = init_source(init_from)
+    if kind == "export":
+        from .hf_export import load_export  # imports transformers
+        return load_export(init_from, model_cfg)
+    if kind == "hf":
+        return GPT.from_pretrained(init_from, {"dropout": model_cfg.dropout})
+    return model_from_checkpoint(checkpoint_dir.open_checkpoint(init_from, iteration), dropout=model_cfg.dropout)

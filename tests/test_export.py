@@ -332,3 +332,20 @@ def test_two_expert_parallel_ranks_export_what_one_device_does(runs, tmp_path):
     a, b = load(local["model.safetensors"]), load(ep2["model.safetensors"])
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_init_from_an_exported_moe_continues_it(runs, char_data, tmp_path):
+    """--init_from=<an exported MoE> starts a new run from its weights, exactly, with the run's own training-only
+    keys, and trains."""
+    from nanomoe_ds.start import build_model
+    exported = export_run(runs["local"], tmp_path / "hf")
+    args = tiny_args(char_data, tmp_path / "again", init_from=str(exported), max_iters=1, router_jitter=0.05,
+                     num_experts=8)  # the source decides the shape: num_experts=8 is not taken
+    model = build_model(*from_argv(args))
+    ours = model_from_checkpoint(open_checkpoint(str(runs["local"])))
+    assert model.config.num_experts == 4 and model.moe_layers()[0].router.jitter == 0.05
+    assert model.state_dict().keys() == ours.state_dict().keys()
+    assert all(torch.equal(value, ours.state_dict()[name]) for name, value in model.state_dict().items())
+    train_here(args)
+    trained = [json.loads(line) for line in open(tmp_path / "again/metrics.jsonl") if '"loss"' in line]
+    assert [r["iter"] for r in trained] == [0, 1] and all(r["loss"] < 5 for r in trained)

@@ -130,7 +130,8 @@ def test_hugging_face_gpt2_upcycles_to_its_logits(tmp_path):
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
                                     initializer_range=0.2)).eval()
     hf.save_pretrained(tmp_path)
-    moe = upcycle(load_source(str(tmp_path), dropout=0.0), moe_cfg(gate="topk_softmax", num_shared_experts=1)).eval()
+    dense = load_source(str(tmp_path), GPTConfig(dropout=0.0))
+    moe = upcycle(dense, moe_cfg(gate="topk_softmax", num_shared_experts=1)).eval()
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(moe(idx, idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
