@@ -11,10 +11,11 @@
 A dense run exports as a stock GPT2LMHeadModel (Conv1D weights transposed, absent biases as
 zeros), with no code. An MoE has no stock class, so modeling_nanomoe.py travels with it.
 
-The export streams: it reads the checkpoint's records a chunk at a time (Checkpoint.read_into)
-and writes each chunk into the shard where its tensor lies, so it holds one record of the reader
-and one chunk, whatever the model's size, and no rank or GPU. (A dense export's transposed
-matrices are the exception: each is read whole, and held with its transpose.) The safetensors
+The export streams: it reads the checkpoint a chunk at a time (Checkpoint.read_into, into one
+reused buffer) and writes each chunk into the shard where its tensor lies, so it holds that chunk
+and the reader's record (two while it moves to the next), whatever the model's size, and no rank
+or GPU. (A dense export's transposed matrices are the exception: each is read whole, and held with
+its transpose.) The safetensors
 header is written first, from the shapes in the checkpoint's index. Everything is written into
 DIR.partial and renamed to DIR at the end: a killed export leaves no DIR that looks complete.
 """
@@ -234,21 +235,19 @@ def write_json(path: Path, obj: dict):
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def chunks(ckpt, tensor: OutTensor, chunk_elems: int):
-    """The tensor's values in the export's layout, fp32, as 1-D pieces of at most chunk_elems."""
-    if tensor.key is None:
-        for start in range(0, tensor.numel, chunk_elems):
-            yield torch.zeros(min(chunk_elems, tensor.numel - start))
-        return
-    if tensor.transpose:  # the whole matrix: its transpose is not a range of it
-        whole = ckpt.whole(tensor.key).t().contiguous().view(-1)
-        for start in range(0, tensor.numel, chunk_elems):
-            yield whole[start:start + chunk_elems]
-        return
-    buffer = torch.empty(min(chunk_elems, tensor.numel))
-    for start in range(0, tensor.numel, chunk_elems):
-        piece = buffer[:min(chunk_elems, tensor.numel - start)]
-        ckpt.read_into(tensor.key, start, piece)
+def chunks(ckpt, tensor: OutTensor, buffer: torch.Tensor):
+    """The tensor's values in the export's layout, fp32, as 1-D pieces read into `buffer` (reused: the export
+    holds one chunk, whatever the tensor's size)."""
+    size = buffer.numel()
+    whole = ckpt.whole(tensor.key).t().contiguous().view(-1) if tensor.transpose else None  # not a range of it
+    for start in range(0, tensor.numel, size):
+        piece = buffer[:min(size, tensor.numel - start)]
+        if whole is not None:
+            piece.copy_(whole[start:start + piece.numel()])
+        elif tensor.key is None:
+            piece.zero_()
+        else:
+            ckpt.read_into(tensor.key, start, piece)
         yield piece
 
 
@@ -263,10 +262,11 @@ def write_safetensors(path: Path, tensors: list[OutTensor], ckpt, dtype: str, ch
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    buffer = torch.empty(min(chunk_elems, max(t.numel for t in tensors)))
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors:
-            for piece in chunks(ckpt, t, chunk_elems):
+            for piece in chunks(ckpt, t, buffer):
                 piece = piece.to(torch_dtype)
                 f.write(memoryview((piece.view(torch.int16) if itemsize == 2 else piece).numpy()).cast("B"))
         f.flush()

@@ -51,3 +51,13 @@ def test_bench_layer_times_each_kernel_and_the_parts_of_a_layer():
     parts = re.search(r"ours, ms forward\+backward: layer ([\d.]+), router\+permute\+gather ([\d.]+), "
                       r"experts ([\d.]+), combine ([\d.]+), the rest (-?[\d.]+)", out)
     assert parts and all(float(v) > 0 for v in parts.groups()[:4]), out
+
+
+def test_bench_export_measures_each_export():
+    out = run_script("bench/bench_export.py", "--tiny", "--shard_mb=0.5")
+    rows = {name: table_rows(out, name) for name in ("hf", "hf-sharded", "pt")}
+    assert all(len(found) == 1 for found in rows.values()), out
+    (hf,), (sharded,), (pt,) = rows.values()
+    assert int(sharded[4]) > int(hf[4]) > int(pt[4]) == 1  # files: shards and their index; config, card, code
+    assert hf[5] == sharded[5]  # the same bytes, in MiB, cut into more files
+    assert all(float(row[1]) >= 0 and float(row[6]) > 0 for row in (hf, sharded, pt))
