@@ -14,6 +14,7 @@
 #      GPT-2-small width, E=8 top-2 and E=64 top-8 at equal active FLOPs, bf16 and fp32
 #   4. a GPT-2-small-sized MoE (8 experts, top-2) for 40 steps under
 #      `deepspeed --num_gpus 1 ... ds_configs/zero2.json`: tokens/s, MFU, peak memory
+#   4f. the plan's predicted peak memory (nanomoe_ds/plan.py) against what 4 and 4b allocated, within 15%
 #   4e. bench/bench_engine.py on CUDA, bf16, GPT-2 small: dense vs the FLOP-matched MoE
 #      (8 experts top-2, expert_hidden 1536), each as the plain loop, with activation
 #      checkpointing, and under DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2 (stages kept on one GPU),
@@ -124,6 +125,23 @@ for run in ("gpt2moe", "local", "compiled"):
     mem = max(r.get("peak_mem_gib", 0) for r in rows)
     print(f"{run:9s} tokens/s {tps:9.0f}  step {statistics.median(r['time_ms'] for r in rows):7.1f} ms  "
           f"MFU {mfu}  peak mem {mem:.1f} GiB  last loss {rows[-1]['loss']:.3f}")
+EOF
+
+step "4f. the plan's predicted peak (launch/plan.py) against torch.cuda.max_memory_allocated of 4 and 4b" 60 \
+    python3 - "$WORK" "${GPT2_MOE[@]}" <<'EOF'
+import json, sys
+from nanomoe_ds import plan
+from nanomoe_ds.config import from_argv
+from nanomoe_ds.ds_config import load_ds_config
+work, args, outside = sys.argv[1], sys.argv[2:], 0
+for run, extra in (("gpt2moe", ["--deepspeed_config=ds_configs/zero2.json"]), ("local", [])):
+    model_cfg, train_cfg = from_argv(args + extra)
+    ds = load_ds_config(train_cfg.deepspeed_config) if extra else None
+    predicted = plan.make_plan(model_cfg, train_cfg, 1, ds).peak / 2**30
+    measured = max(r.get("peak_mem_gib", 0) for r in map(json.loads, open(f"{work}/{run}/metrics.jsonl")))
+    outside += abs(predicted / measured - 1) > 0.15
+    print(f"{run}: planned peak {predicted:.2f} GiB, max_memory_allocated {measured:.2f} GiB ({predicted / measured - 1:+.1%})")
+sys.exit(outside)  # the step fails where the plan is off by more than 15%
 EOF
 
 step "4e. DeepSpeed vs plain, dense vs FLOP-matched MoE, activation checkpointing (bench/bench_engine.py)" 150 \
