@@ -32,6 +32,15 @@ def char_data(shakespeare, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def forkserver():
+    """Processes forked from one that imported torch and DeepSpeed once (tests/forkserver.py): a
+    launch/train.py run or refusal without 2-3 s of imports each."""
+    from forkserver import ForkServer
+    with ForkServer() as server:
+        yield server
+
+
 def tiny_args(data_dir: Path, out_dir: Path, **over) -> list[str]:
     """Command-line args for a seconds-long CPU run of a tiny MoE GPT."""
     args = dict(dataset="shakespeare_char", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",

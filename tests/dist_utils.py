@@ -31,13 +31,19 @@ def loopback_env(**extra) -> dict:
     return env
 
 
-def start_ranks(n: int, argv: list[str]) -> list[subprocess.Popen]:
-    """Start launch/train.py on n ranks with the launcher's variables, as the deepspeed launcher would."""
+def rank_commands(n: int, argv: list[str]) -> list[tuple[list[str], dict]]:
+    """(script and arguments, environment) of each of n ranks of launch/train.py, as the deepspeed launcher
+    starts them."""
     port = free_port()
     argv = [*argv, "--check_grad_order=True"]  # the reduction-order guard, on in tests (grad_order.py)
-    return [subprocess.Popen([sys.executable, str(REPO / "launch/train.py"), *argv], cwd=REPO,
-                             env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=n, MASTER_PORT=port),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+    return [([str(REPO / "launch/train.py"), *argv],
+             loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=n, MASTER_PORT=port)) for r in range(n)]
+
+
+def start_ranks(n: int, argv: list[str]) -> list[subprocess.Popen]:
+    """Start launch/train.py on n ranks with the launcher's variables, as the deepspeed launcher would."""
+    return [subprocess.Popen([sys.executable, *command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for command, env in rank_commands(n, argv)]
 
 
 def run_ranks(n: int, argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
