@@ -86,6 +86,12 @@ class ModelStates:
     def resting(self) -> int:
         return self.weights + self.masters + self.moments + self.kept
 
+    @property
+    def device_buffers(self) -> int:
+        """ZeRO's buffers on the device: the reduce bucket, and what of `kept` is not in CPU memory."""
+        staged_on_host = self.host - self.masters - self.moments if self.host else 0
+        return self.bucket + self.kept - staged_on_host
+
 
 @dataclass(frozen=True)
 class Activations:
@@ -527,10 +533,11 @@ def summary_line(plan: Plan) -> str:
     compute, comm = step_seconds(plan)
     known = [t for t in (compute, comm) if t is not None]
     bound = f"; step >= {max(known):.3f} s" if known else ""
+    buffers = f", ZeRO buffers {gib(states.device_buffers)}" if states.device_buffers else ""
     return (f"plan: {engine_name(plan.layout)}: peak {gib(plan.peak)} per rank{fit} (model states "
-            f"{gib(states.resting - states.host + max(states.grads, states.accumulating))}, activations "
-            f"{gib(acts.peak)}{ac} at batch {plan.batch_size}); "
-            + (f"{moved / 1e9:.3f} GB through collectives per rank per step" if moved else "no collectives")
+            f"{gib(plan.peak - acts.peak - states.device_buffers)}{buffers}, activations {gib(acts.peak)}{ac} at "
+            f"batch {plan.batch_size}); "
+            + (f"{gib(moved)} through collectives per rank per step" if moved else "no collectives")
             + bound)
 
 
@@ -550,8 +557,10 @@ def describe(plan: Plan) -> list[str]:
              + (f"; {gib(states.accumulating)} between micro-batches" if states.accumulating else ""),
              f"  fp32 masters       {gib(states.masters):>12}",
              f"  AdamW moments      {gib(states.moments):>12}"]
-    if states.kept or states.bucket:
-        lines.append(f"  ZeRO buffers       {gib(states.kept + states.bucket):>12}  (reduce bucket, partitions, staging)")
+    if states.device_buffers:
+        lines.append(f"  ZeRO buffers       {gib(states.device_buffers):>12}  on the device: reduce bucket "
+                     f"({plan.layout.reduce_bucket:,} elements){', gradient partition' * (plan.layout.zero_stage == 3)}"
+                     f"{', staging' * plan.layout.offload}")
     if states.host:
         lines.append(f"  in CPU memory      {gib(states.host):>12}  of the above (offload_optimizer)")
     lines += [f"  activations        {gib(acts.saved + acts.recompute):>12}  per micro-batch, "
@@ -564,8 +573,8 @@ def describe(plan: Plan) -> list[str]:
               f"  logits and casts   {gib(acts.transient):>12}  the returned logits, cross-entropy's fp32 copy"
               + (", autocast's weight copies" if layout.zero_stage is None and layout.dtype != "float32" else ""),
               f"  peak               {gib(plan.peak):>12}" + device_fit(plan),
-              f"  checkpoint share   {plan.params * CHECKPOINT_BYTES / layout.world_size / 1e9:>9.3f} GB  on disk "
-              f"(the whole checkpoint {plan.params * CHECKPOINT_BYTES / 1e9:.3f} GB)"]
+              f"  checkpoint share   {gib(plan.params * CHECKPOINT_BYTES / layout.world_size):>12}  on disk "
+              f"(the whole checkpoint {gib(plan.params * CHECKPOINT_BYTES)})"]
     return lines + step_lines(plan) + advice_lines(plan) + [summary_line(plan)]
 
 
@@ -578,12 +587,12 @@ def device_fit(plan: Plan) -> str:
 def step_lines(plan: Plan) -> list[str]:
     lines = ["per step (bytes one rank hands to each collective):"]
     for (kind, group), nbytes in sorted(plan.collectives.items()):
-        lines.append(f"  {COLLECTIVE_NAMES[kind]:<15}{nbytes / 1e9:>10.3f} GB  over {group} rank{'s' * (group > 1)} "
-                     f"({wire_bytes(kind, group, nbytes) / 1e9:.3f} GB on the wire)")
+        lines.append(f"  {COLLECTIVE_NAMES[kind]:<17}{gib(nbytes):>14}  over {group} rank{'s' * (group > 1)} "
+                     f"({gib(wire_bytes(kind, group, nbytes))} on the wire)")
     if not plan.collectives:
         lines.append("  none (one rank)")
     tokens = plan.layout.micro_per_rank * plan.batch_size * plan.block_size
-    lines.append(f"  FLOPs per token    {plan.flops_per_token / 1e9:.3f} GFLOP (6 x active parameters + attention); "
+    lines.append(f"  FLOPs per token    {plan.flops_per_token / 1e9:.4g} GFLOP (6 x active parameters + attention); "
                  f"{tokens:,} tokens per rank per step")
     compute, comm = step_seconds(plan)
     known = [t for t in (compute, comm) if t is not None]
