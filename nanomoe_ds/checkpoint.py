@@ -172,8 +172,8 @@ class Checkpoint:
             _, offset, numel, *_ = record
             lo, hi = max(start, offset), min(end, offset + numel)
             if lo < hi:
-                data = self._record(record)
-                out[lo - start:hi - start].copy_(torch.from_numpy(data[lo - offset:hi - offset]))
+                # No local keeps the record: _record drops it before reading the next one.
+                out[lo - start:hi - start].copy_(torch.from_numpy(self._record(record)[lo - offset:hi - offset]))
                 copied += hi - lo
         if copied != out.numel():  # check_index makes this impossible; never hand back uninitialised memory
             raise CheckpointError(f"{self.directory}: the index covers {copied} of {key}[{start}:{end}]; "
@@ -188,6 +188,7 @@ class Checkpoint:
     def _record(self, record) -> np.ndarray:
         if self._cached is not None and self._cached[0] is record:
             return self._cached[1]
+        self._cached = None  # dropped before the next record is allocated: a reader holds one record, not two
         key, _, numel, file, position, crc = record
         path = self.directory / file
         data = bytearray(numel * 4)
