@@ -27,7 +27,7 @@ from bench_step import SEED_LINE, VARIANTS, build_all, time_steps  # noqa: E402
 from nanomoe_ds.metrics import read_run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The seed's CPU command (README "The seed's CPU run"); bench_step's SEED_LINE is its model part.
+# The seed's CPU command (the README's quick start, on a CPU); bench_step's SEED_LINE is its model part.
 TRAIN_LINE = SEED_LINE + ["--log_interval=50"]  # logging routing statistics costs the MoE time
 
 

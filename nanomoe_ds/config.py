@@ -114,7 +114,7 @@ class TrainConfig:
     wandb_log: bool = False
     wandb_project: str = "nanomoe"
     wandb_run_name: str = "run"
-    # monitoring (metrics.py; README "Monitoring")
+    # monitoring (metrics.py; docs/training.md, "Monitoring")
     tensorboard_dir: str = ""  # TensorBoard event files go here when set
     progress: bool = True  # a tqdm bar on rank 0, only when stdout is a terminal
     profile: bool = False  # after 5 warm-up steps, time 3 steps by part (attention, router, experts, ...)

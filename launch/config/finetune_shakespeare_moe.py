@@ -1,6 +1,6 @@
 # Upcycle GPT-2 (124M) into an MoE (top-2 of 8 experts in every other block) and fine-tune it on
 # Shakespeare (GPT-2 BPE): run data/shakespeare/prepare.py first. Its first forward equals GPT-2's;
-# see the README's "Starting from a dense model".
+# see docs/training.md, "Where a run starts, and upcycling a dense model".
 include("finetune_shakespeare.py")
 out_dir = "out-shakespeare-moe"
 wandb_run_name = "ft-moe"
