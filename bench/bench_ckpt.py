@@ -179,8 +179,12 @@ def worker(args, overrides: list[str]):
                               generator=torch.Generator().manual_seed(0)).to(engine.device)
             one_step(engine, FixedBatches(x), lr=1e-4)
             stepped = True
-        from nanomoe_ds import checkpoint, checkpoint_dir
-        sharded = hasattr(checkpoint, "open_checkpoint")  # the sharded format's reader (issue 17 on)
+        from nanomoe_ds import checkpoint
+        try:  # the sharded format's reader: checkpoint_dir.py since issue 25's split, checkpoint.py from issue 17
+            from nanomoe_ds.checkpoint_dir import open_checkpoint
+        except ImportError:
+            open_checkpoint = getattr(checkpoint, "open_checkpoint", None)
+        sharded = open_checkpoint is not None
         api = "engine.load(open_checkpoint)" if sharded else "checkpoint.load + engine.load"
         dist.barrier()
         t0 = time.perf_counter()
@@ -189,7 +193,7 @@ def worker(args, overrides: list[str]):
                 trainer.save(engine, train_cfg, trainer.TrainState(1, 9.99, 1.0))
                 state = None
             elif sharded:
-                state = engine.load(checkpoint_dir.open_checkpoint(args.out_dir))
+                state = engine.load(open_checkpoint(args.out_dir))
             else:  # the code before issue 17: ckpt.pt, read by the trainer, then the engine's load
                 ckpt = checkpoint.load(args.out_dir)
                 state = engine.load(args.out_dir, ckpt)
