@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from . import metrics, profiling, resume, run_lock, start
+from . import metrics, plan, profiling, resume, run_lock, start
 from .config import GPTConfig, TrainConfig, to_dict
 from .train_state import TrainState
 from .consensus import rank0_decides
@@ -82,6 +82,8 @@ def set_up_and_run(model_cfg: GPTConfig, train_cfg: TrainConfig, begin: start.St
         record.update({k: v for k, v in (("followed", resumed.followed), ("changed", resumed.changed),
                                          ("set_aside", begin.set_aside)) if v})
         log.event(record, metrics.describe_resume(record))
+    for line in plan.startup_lines(engine, train_cfg) if engine.rank == 0 and not train_cfg.eval_only else []:
+        log.print(line)  # the plan's summary line; on a GPU, a warning where its peak exceeds the memory
     peak = metrics.device_peak_flops(engine.device, engine.compute_dtype, train_cfg.peak_tflops)
     batches = Batches(data_dir, model_cfg.block_size, train_cfg.batch_size, engine.device, train_cfg.seed)
     try:
