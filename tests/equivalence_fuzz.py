@@ -120,9 +120,11 @@ def empty_experts(run_dir: Path) -> bool:
     return any(layer["dead_experts"] > 0 for row in train_rows(run_dir) for layer in row.get("moe", []))
 
 
-def run(case: dict, data_dir: Path, work: Path, timeout: float = 300, notes: list | None = None) -> list[str]:
+def run(case: dict, data_dir: Path, work: Path, timeout: float = 300, notes: list | None = None,
+        launch_ranks=run_ranks) -> list[str]:
     """Train `case` on its ranks and on one device; return what disagreed (empty: equivalent). With a `notes`
-    list, isolated rounding differences (compare) go there instead of failing."""
+    list, isolated rounding differences (compare) go there instead of failing. `launch_ranks` starts the
+    ranks: dist_utils.run_ranks, or a ForkServer's (tests/forkserver.py), which skips their imports."""
     from nanomoe_ds.config import from_argv
     from nanomoe_ds.trainer import train
     args = dict(case["args"])
@@ -130,9 +132,9 @@ def run(case: dict, data_dir: Path, work: Path, timeout: float = 300, notes: lis
     m, t = from_argv(tiny_args(data_dir, work / "one", **one_args, eval_iters=1, log_interval=1))
     train(m, t)
     json_path = ds_json(work, f"zero{case['stage']}", zero=case["zero"])
-    ranks = run_ranks(case["world"], ["--deepspeed_config", json_path,
-                                      *tiny_args(data_dir, work / "dist", **args, eval_iters=1, log_interval=1)],
-                      timeout=timeout)
+    ranks = launch_ranks(case["world"], ["--deepspeed_config", json_path,
+                                         *tiny_args(data_dir, work / "dist", **args, eval_iters=1, log_interval=1)],
+                         timeout=timeout)
     failed = [f"rank {r}: exit {res.returncode}: {res.stderr.strip().splitlines()[-1:]}"
               for r, res in enumerate(ranks) if res.returncode != 0]
     return failed or compare(work / "one", work / "dist", notes)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +19,10 @@ from nanomoe_ds.trainer import train
 COMMON = dict(max_iters=4, eval_interval=4, grad_clip=0.5, num_experts=4, num_experts_per_tok=2)
 
 
-def run_ds(ranks, tmp_path, char_data, out, json_path, **over):
-    res = run_ranks(ranks, ["--deepspeed_config", json_path, *tiny_args(char_data, tmp_path / out, **{**COMMON, **over})])
+def run_ds(forkserver, ranks, tmp_path, char_data, out, json_path, **over):
+    """launch/train.py on `ranks` ranks (processes forked from one that imported torch and DeepSpeed once)."""
+    res = forkserver.run_ranks(ranks, ["--deepspeed_config", json_path,
+                                       *tiny_args(char_data, tmp_path / out, **{**COMMON, **over})])
     for r in res:
         assert r.returncode == 0, r.stderr[-3000:]
     return train_rows(tmp_path / out), read_checkpoint(tmp_path / out)
@@ -58,46 +59,46 @@ def assert_same_run(a, b, rel, weight_atol):
 
 @pytest.mark.parametrize("stage", ["zero0", "zero2"])
 @pytest.mark.parametrize("ep_size", [1, 2])
-def test_fp32_two_ranks_match_one_device(single, char_data, tmp_path, stage, ep_size):
-    dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, stage), ep_size=ep_size)
+def test_fp32_two_ranks_match_one_device(single, char_data, tmp_path, stage, ep_size, forkserver):
+    dist = run_ds(forkserver, 2, tmp_path, char_data, "ds", ds_json(tmp_path, stage), ep_size=ep_size)
     assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", ["zero1", "zero2_offload"])
-def test_other_stages_ep2_match_one_device(single, char_data, tmp_path, stage):
-    dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, stage), ep_size=2)
+def test_other_stages_ep2_match_one_device(single, char_data, tmp_path, stage, forkserver):
+    dist = run_ds(forkserver, 2, tmp_path, char_data, "ds", ds_json(tmp_path, stage), ep_size=2)
     assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
 
 
-def test_four_ranks_two_expert_groups_match_one_device(char_data, tmp_path):
+def test_four_ranks_two_expert_groups_match_one_device(char_data, tmp_path, forkserver):
     """4 ranks, ep_size=2: two expert-parallel groups, each expert on 2 ranks' data. The preset's
     2 micro-batches cannot be split over 4 ranks, so the global batch becomes 4 micro-batches:
     the same numbers as one device with gradient_accumulation_steps=4."""
     m, t = from_argv(tiny_args(char_data, tmp_path / "one", **{**COMMON, "gradient_accumulation_steps": 4}))
     train(m, t)
     one = train_rows(tmp_path / "one"), read_checkpoint(tmp_path / "one")
-    four = run_ds(4, tmp_path, char_data, "four", ds_json(tmp_path, "zero2"), ep_size=2)
+    four = run_ds(forkserver, 4, tmp_path, char_data, "four", ds_json(tmp_path, "zero2"), ep_size=2)
     assert_same_run(one, four, rel=1e-5, weight_atol=1e-5)
 
 
-def test_capacity_limited_exchange_ep2(char_data, tmp_path):
+def test_capacity_limited_exchange_ep2(char_data, tmp_path, forkserver):
     """With capacity_factor > 0 tokens are dropped before the exchange; EP=2 still matches one device."""
     over = dict(capacity_factor=0.8, gate="sigmoid", num_shared_experts=1, expert_act="swiglu")
     m, t = from_argv(tiny_args(char_data, tmp_path / "one", **{**COMMON, **over}))
     train(m, t)
     one = train_rows(tmp_path / "one"), read_checkpoint(tmp_path / "one")
     assert one[0][0]["moe"][0]["drop_frac"] > 0.05
-    dist = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, **over)
+    dist = run_ds(forkserver, 2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, **over)
     assert_same_run(one, dist, rel=1e-5, weight_atol=1e-5)
 
 
 @pytest.mark.parametrize("keep_stage", [False, True])
-def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path, keep_stage):
+def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path, keep_stage, forkserver):
     """`deepspeed --num_gpus 1 ...`: one rank, the engine path, same numbers as plain PyTorch.
 
     ZeRO-2 on one rank runs as ZeRO-0 and says so, unless told to keep the stage."""
     args = tiny_args(char_data, tmp_path / "one", **COMMON, zero_single_rank_as_stage0=not keep_stage)
-    (res,) = run_ranks(1, ["--deepspeed_config", ds_json(tmp_path, "zero2"), *args])
+    (res,) = forkserver.run_ranks(1, ["--deepspeed_config", ds_json(tmp_path, "zero2"), *args])
     assert res.returncode == 0, res.stderr[-3000:]
     dist = train_rows(tmp_path / "one"), read_checkpoint(tmp_path / "one")
     assert_same_run(single, dist, rel=1e-5, weight_atol=1e-5)
@@ -106,57 +107,58 @@ def test_single_process_deepspeed_debug_mode(single, char_data, tmp_path, keep_s
     assert (note in res.stdout) != keep_stage, res.stdout[-2000:]
 
 
-def test_dense_one_rank_matches_plain_and_reports_its_gradient_norm(char_data, tmp_path):
+def test_dense_one_rank_matches_plain_and_reports_its_gradient_norm(char_data, tmp_path, forkserver):
     """A dense model on one rank (zero2.json in fp32, run as ZeRO-0): the plain loop's steps, and the
     gradient norm logged (ZeRO-0's fp32 clip in DeepSpeed keeps it to itself; the trainer clips there)."""
     dense = dict(use_moe=False)
     m, t = from_argv(tiny_args(char_data, tmp_path / "plain", **COMMON, **dense))
     train(m, t)
     plain_rows = train_rows(tmp_path / "plain")
-    rows, ck = run_ds(1, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), **dense)
+    rows, ck = run_ds(forkserver, 1, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), **dense)
     assert ck["topology"]["zero_stage"] == 0
     for a, b in zip(plain_rows, rows):
         assert b["grad_norm"] is not None and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
-def test_zero0_bf16_takes_the_same_steps_as_zero1_bf16(char_data, tmp_path):
+def test_zero0_bf16_takes_the_same_steps_as_zero1_bf16(char_data, tmp_path, forkserver):
     """DeepSpeed's ZeRO-0 bf16 wrapper steps AdamW once on zero gradients when it is built; undone, its
     run follows ZeRO-1's (the step count no longer starts at 1, nor the masters one decay behind)."""
-    runs = [run_ds(1, tmp_path, char_data, name, ds_json(tmp_path, name, bf16=True)) for name in ("zero0", "zero1")]
+    runs = [run_ds(forkserver, 1, tmp_path, char_data, name, ds_json(tmp_path, name, bf16=True))
+            for name in ("zero0", "zero1")]
     (rows0, ck0), (rows1, ck1) = runs
     assert ck0["topology"]["zero_stage"] == 0 and ck1["topology"]["zero_stage"] == 1  # bf16 keeps its stage
     for a, b in zip(rows0, rows1):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
-def test_activation_checkpointing_json_block_ep2_matches_one_device(single, char_data, tmp_path):
+def test_activation_checkpointing_json_block_ep2_matches_one_device(single, char_data, tmp_path, forkserver):
     """DeepSpeed's "activation_checkpointing" block turns on block recompute: the exchanges repeat in backward."""
     path = ds_json(tmp_path, "zero2", activation_checkpointing={"partition_activations": False})
-    (rows, ck) = run_ds(2, tmp_path, char_data, "ac", path, ep_size=2)
+    (rows, ck) = run_ds(forkserver, 2, tmp_path, char_data, "ac", path, ep_size=2)
     assert ck["config"]["activation_checkpointing"] is True
     assert_same_run(single, (rows, ck), rel=1e-5, weight_atol=1e-5)
 
 
-def test_bf16_ep2_within_bf16_tolerance(single, char_data, tmp_path):
-    dist = run_ds(2, tmp_path, char_data, "bf16", ds_json(tmp_path, "zero2", bf16=True), ep_size=2)
+def test_bf16_ep2_within_bf16_tolerance(single, char_data, tmp_path, forkserver):
+    dist = run_ds(forkserver, 2, tmp_path, char_data, "bf16", ds_json(tmp_path, "zero2", bf16=True), ep_size=2)
     rows_s, rows_d = single[0], dist[0]
     for rs, rd in zip(rows_s, rows_d):
         assert rd["loss"] == pytest.approx(rs["loss"], rel=2e-2)
         assert rd["grad_norm"] == pytest.approx(rs["grad_norm"], rel=5e-2)
-    ep1 = run_ds(2, tmp_path, char_data, "bf16_ep1", ds_json(tmp_path, "zero2", bf16=True), ep_size=1)
+    ep1 = run_ds(forkserver, 2, tmp_path, char_data, "bf16_ep1", ds_json(tmp_path, "zero2", bf16=True), ep_size=1)
     for r1, r2 in zip(ep1[0], rows_d):
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-2)
 
 
-def test_checkpoint_round_trip_ep2_zero2(char_data, tmp_path):
+def test_checkpoint_round_trip_ep2_zero2(char_data, tmp_path, forkserver):
     cfg = ds_json(tmp_path, "zero2")
     over = dict(max_iters=6, eval_interval=3, ep_size=2)
-    full, _ = run_ds(2, tmp_path, char_data, "full", cfg, **over)
-    run_ds(2, tmp_path, char_data, "part", cfg, **{**over, "max_iters": 3})
+    full, _ = run_ds(forkserver, 2, tmp_path, char_data, "full", cfg, **over)
+    run_ds(forkserver, 2, tmp_path, char_data, "part", cfg, **{**over, "max_iters": 3})
     shards = sorted(p.name for p in (tmp_path / "part" / "iter_3").glob("shard_*"))
     assert shards == ["shard_00000.bin", "shard_00001.bin"]  # each rank wrote its share
-    resumed, ck = run_ds(2, tmp_path, char_data, "part", cfg, **{**over, "init_from": "resume"})
+    resumed, ck = run_ds(forkserver, 2, tmp_path, char_data, "part", cfg, **{**over, "init_from": "resume"})
     # metrics.jsonl of "part" now holds iters 0-3 then the resumed 3-6
     tail = [r for r in resumed if r["iter"] >= 3][-4:]
     assert [r["iter"] for r in tail] == [3, 4, 5, 6]
@@ -164,17 +166,17 @@ def test_checkpoint_round_trip_ep2_zero2(char_data, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert ck["iter_num"] == 6
     # launch/sample.py runs on the consolidated checkpoint of a DeepSpeed run
-    r = subprocess.run([sys.executable, "launch/sample.py", f"--out_dir={tmp_path / 'part'}", "--device=cpu",
-                        "--num_samples=1", "--max_new_tokens=10"], cwd=REPO, capture_output=True, text=True)
+    r = forkserver.run(["launch/sample.py", f"--out_dir={tmp_path / 'part'}", "--device=cpu", "--num_samples=1",
+                        "--max_new_tokens=10"])
     assert r.returncode == 0, r.stderr
 
 
-def test_sinks_and_mfu_two_ranks(char_data, tmp_path, monkeypatch):
+def test_sinks_and_mfu_two_ranks(char_data, tmp_path, monkeypatch, forkserver):
     """wandb (offline) and TensorBoard read back after os._exit; MFU counts this rank's tokens only."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     tb = tmp_path / "tb"
-    rows, _ = run_ds(2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, max_iters=6,
+    rows, _ = run_ds(forkserver, 2, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), ep_size=2, max_iters=6,
                      wandb_log=True, tensorboard_dir=str(tb), peak_tflops=0.001)
     history, finished = wandb_history(tmp_path / "ds")
     assert finished
@@ -196,13 +198,9 @@ def test_compile_under_deepspeed(single, char_data, tmp_path, monkeypatch):
         assert rc["loss"] == pytest.approx(rs["loss"], rel=1e-4)
 
 
-def test_mfu_is_null_on_cpu_without_peak_tflops(char_data, tmp_path):
-    rows, _ = run_ds(1, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), max_iters=6)
+def test_mfu_is_null_on_cpu_without_peak_tflops(char_data, tmp_path, forkserver):
+    rows, _ = run_ds(forkserver, 1, tmp_path, char_data, "ds", ds_json(tmp_path, "zero2"), max_iters=6)
     assert [r["mfu"] for r in rows] == [None] * 7
-
-
-def one_rank(argv, tmp_path):
-    return run_ranks(1, argv)[0]
 
 
 @pytest.mark.parametrize("json_edit, over, msg", [
@@ -214,13 +212,13 @@ def one_rank(argv, tmp_path):
     ({}, {"num_experts": 3, "num_experts_per_tok": 1, "ep_size": 1, "gradient_accumulation_steps": 3},
      None),  # control: a valid odd set-up runs
 ])
-def test_refusals_one_rank(char_data, tmp_path, json_edit, over, msg):
+def test_refusals_one_rank(char_data, tmp_path, json_edit, over, msg, forkserver):
     cfg = json.load(open(REPO / "ds_configs/zero2.json"))
     cfg.update(json_edit)
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
-    r = one_rank(["--deepspeed_config", str(path), *tiny_args(char_data, tmp_path / "o", **{"max_iters": 1, **over})],
-                 tmp_path)
+    (r,) = forkserver.run_ranks(1, ["--deepspeed_config", str(path),
+                                    *tiny_args(char_data, tmp_path / "o", **{"max_iters": 1, **over})])
     if msg is None:
         assert r.returncode == 0, r.stderr[-2000:]
         return
@@ -241,12 +239,11 @@ def test_num_experts_not_divisible_by_ep_size(char_data, tmp_path):
     ("nope.json", "error: --deepspeed_config: no such file 'nope.json'; see ds_configs/"),
     ("BAD", "error: --deepspeed_config: '"),
 ])
-def test_missing_or_invalid_json(char_data, tmp_path, path, msg):
+def test_missing_or_invalid_json(char_data, tmp_path, path, msg, forkserver):
     if path == "BAD":
         path = tmp_path / "bad.json"
         path.write_text("{ not json")
-    r = subprocess.run([sys.executable, "launch/train.py", "--deepspeed_config", str(path),
-                        *tiny_args(char_data, tmp_path)], cwd=REPO, capture_output=True, text=True,
+    r = forkserver.run(["launch/train.py", "--deepspeed_config", str(path), *tiny_args(char_data, tmp_path)],
                        env=loopback_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_PORT=free_port()))
     assert r.returncode == 2 and r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
 

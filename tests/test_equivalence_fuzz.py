@@ -39,10 +39,10 @@ def test_draw_is_a_pure_function_of_the_seed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
-def test_ranks_match_one_device(char_data, tmp_path, seed):
+def test_ranks_match_one_device(char_data, tmp_path, seed, forkserver):
     case = fuzz.draw(seed)
     notes = []  # isolated fp32 rounding through Adam (equivalence_fuzz.compare) is explained, not a failure
-    problems = fuzz.run(case, char_data, tmp_path, timeout=240, notes=notes)
+    problems = fuzz.run(case, char_data, tmp_path, timeout=240, notes=notes, launch_ranks=forkserver.run_ranks)
     print(*notes, sep="\n")
     assert not problems, (f"seed {seed} ({case}):\n" + "\n".join(problems) +
                           f"\nreproduce: python tests/equivalence_fuzz.py --data_dir DIR --seed {seed}")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import read_checkpoint, tiny_args
-from dist_utils import as_launched, ds_json, spawn_ranks, train_rows
+from dist_utils import as_launched, ds_json, train_rows
 
 from nanomoe_ds import grad_order
 from nanomoe_ds.config import from_argv
@@ -77,7 +77,7 @@ def test_the_mismatch_line_names_the_first_differing_gradient():
 # 256 rows for 8 experts, right where the CPU's auto rule switches between loop and bmm as the
 # busiest expert's load moves: ranks pick different kernels in the same micro-batch.
 FLIP = dict(n_embd=64, num_experts=8, num_experts_per_tok=2, batch_size=4, max_iters=3, eval_interval=3,
-            grad_clip=0.5, lr_decay_iters=12)
+            eval_iters=1, grad_clip=0.5, lr_decay_iters=12)
 EMPTY_EXPERTS = [4, 5, 6, 7]  # a router bias keeps every token away: at ep_size=2, ranks 1 and 3 get none
 
 
@@ -126,6 +126,27 @@ def one_device(argv, case):
     train(m, t, engine)
 
 
+@pytest.fixture(scope="module")
+def one_device_runs(char_data, tmp_path_factory):
+    """The one-device reference of a (case, world): its run directory and arguments. ZeRO-1 and ZeRO-2
+    are held to the same reference, so it trains once for both."""
+    runs = {}
+
+    def reference(case: str, world: int) -> tuple[Path, list[str]]:
+        if (case, world) not in runs:
+            out = tmp_path_factory.mktemp(f"one-{case}-{world}")
+            argv = tiny_args(char_data, out, **replicated_args(world))
+            one_device(argv, case)
+            runs[case, world] = out, argv
+        return runs[case, world]
+    return reference
+
+
+def replicated_args(world: int) -> dict:
+    """FLIP with two micro-batches per rank, the order guard on."""
+    return dict(FLIP, gradient_accumulation_steps=2 * world, check_grad_order=True)
+
+
 def assert_same_steps(one_dir, dist_dir, atol=1e-5):
     one, dist = train_rows(one_dir), train_rows(dist_dir)
     assert [r["iter"] for r in one] == [r["iter"] for r in dist]
@@ -142,17 +163,15 @@ def assert_same_steps(one_dir, dist_dir, atol=1e-5):
 @pytest.mark.parametrize("stage", ["zero1", "zero2"])
 @pytest.mark.parametrize("world,ep_size", [(2, 1), (4, 2)])
 @pytest.mark.parametrize("case", ["flip", "empty"])
-def test_replicated_experts_match_one_device(char_data, tmp_path, case, world, ep_size, stage):
+def test_replicated_experts_match_one_device(char_data, tmp_path, case, world, ep_size, stage, forkserver,
+                                             one_device_runs):
     """Expert replicas (world > ep_size) under ZeRO-1/2: one device's losses, norms and weights,
     whether the ranks' backwards ran different kernels or some experts saw no token all run."""
-    accumulation = 2 * world  # two micro-batches per rank
-    over = dict(FLIP, gradient_accumulation_steps=accumulation, check_grad_order=True)
-    one_argv = tiny_args(char_data, tmp_path / "one", **over)
-    one_device(one_argv, case)
+    one_dir, one_argv = one_device_runs(case, world)
     dist_argv = ["--deepspeed_config", ds_json(tmp_path, stage),
-                 *tiny_args(char_data, tmp_path / "dist", ep_size=ep_size, **over)]
-    spawn_ranks(ds_rank, (world, dist_argv, case, str(tmp_path)), world)
-    ck = assert_same_steps(tmp_path / "one", tmp_path / "dist")
+                 *tiny_args(char_data, tmp_path / "dist", ep_size=ep_size, **replicated_args(world))]
+    forkserver.spawn_ranks(ds_rank, (world, dist_argv, case, str(tmp_path)), world)
+    ck = assert_same_steps(one_dir, tmp_path / "dist")
     if case == "flip":  # the ranks of one replica group did run different kernels in the same call
         picks = [json.loads((tmp_path / f"kernels.{r}.json").read_text()) for r in range(world)]
         replicas = [(r, r + ep_size) for r in range(world - ep_size)]
@@ -187,12 +206,12 @@ def unordered_rank(rank, world, argv, out):
 
 
 @pytest.mark.slow
-def test_order_guard_stops_ranks_whose_reductions_differ(char_data, tmp_path, capfd):
+def test_order_guard_stops_ranks_whose_reductions_differ(char_data, tmp_path, capfd, forkserver):
     """Without the ordering, the kernel flip reaches ZeRO-2's buckets: the guard stops every rank
     with one line, exit code 3, before the step is applied or anything saved."""
     argv = ["--deepspeed_config", ds_json(tmp_path, "zero2"),
             *tiny_args(char_data, tmp_path / "run", **FLIP, gradient_accumulation_steps=4, check_grad_order=True)]
-    spawn_ranks(unordered_rank, (2, argv, str(tmp_path)), 2)
+    forkserver.spawn_ranks(unordered_rank, (2, argv, str(tmp_path)), 2)
     assert [(tmp_path / f"code.{r}").read_text() for r in range(2)] == ["3", "3"]
     err = capfd.readouterr().err
     assert err.count("gradient reduction order differs between ranks: reduction") == 2, err[-3000:]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_args
-from dist_utils import ds_json, run_ranks
+from conftest import tiny_args
+from dist_utils import ds_json
 from nanomoe_ds import checkpoint_dir, resume
 from nanomoe_ds.config import ALL_KEYS, ConfigError, GPTConfig, TrainConfig, to_dict
 
@@ -78,9 +76,10 @@ def test_a_checkpoint_older_than_a_key_compares_only_what_it_recorded():
     assert resume.reconcile(upcycled, GPTConfig(), TrainConfig(), set()).model_cfg.activation == "gelu_tanh"
 
 
-def run_train(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+@pytest.fixture
+def run_train(forkserver):
+    """`python launch/train.py *args`, as a process forked from one that imported torch once."""
+    return lambda *args: forkserver.run(["launch/train.py", *args], timeout=120)
 
 
 def losses(out_dir) -> dict:
@@ -88,7 +87,7 @@ def losses(out_dir) -> dict:
     return {row["iter"]: row["loss"] for row in rows if "loss" in row}
 
 
-def test_a_restart_command_that_lost_keys_continues_the_same_run(char_data, tmp_path):
+def test_a_restart_command_that_lost_keys_continues_the_same_run(char_data, tmp_path, run_train):
     """Saved with --seed=7 and 4 micro-batches; the restart forgets both and sets a new max_iters: it resumes
     with the checkpoint's seed and batch (losses equal an uninterrupted run's) and says what it did."""
     def args(out, **over):
@@ -135,7 +134,7 @@ def resume_records(out_dir) -> list[dict]:
     return [row for row in rows if row.get("event") == "resume"]
 
 
-def test_an_unpinned_resume_falls_back_past_a_corrupt_checkpoint_and_keeps_it_aside(char_data, tmp_path):
+def test_an_unpinned_resume_falls_back_past_a_corrupt_checkpoint_and_keeps_it_aside(char_data, tmp_path, run_train):
     """A flipped bit in the newest checkpoint's weights, then in a newer one's metadata: each restart with
     init_from=auto moves the bad one aside as iter_N.corrupt (nothing deleted), says so in one line, resumes
     from the previous one and retrains to the same state, bit for bit. A reader and a pinned resume refuse."""
@@ -169,18 +168,18 @@ def test_an_unpinned_resume_falls_back_past_a_corrupt_checkpoint_and_keeps_it_as
     assert all(torch.equal(good[key], value) for key, value in everything(run, 6).items())
 
 
-def test_ranks_fall_back_together_when_only_one_ranks_share_is_corrupt(char_data, tmp_path):
+def test_ranks_fall_back_together_when_only_one_ranks_share_is_corrupt(char_data, tmp_path, forkserver):
     """2 DeepSpeed ranks, ep_size=2: a bit flipped in rank 1's shard only. Rank 0 reads its share, rank 1
     does not; they agree, fall back together to the previous checkpoint, and retrain to the same weights."""
     ds = ds_json(tmp_path, "zero2")
     run = tmp_path / "run"
     argv = ["--deepspeed_config", ds, *tiny_args(char_data, run, init_from="auto", eval_interval=3, max_iters=6,
                                                   lr_decay_iters=9), "--ep_size=2"]
-    for r in run_ranks(2, argv):
+    for r in forkserver.run_ranks(2, argv):
         assert r.returncode == 0, r.stderr[-3000:]
     good = everything(run, 6)
     flip_a_weight_bit(run / "iter_6", "shard_00001.bin")
-    ranks = run_ranks(2, argv)
+    ranks = forkserver.run_ranks(2, argv)
     for r in ranks:
         assert r.returncode == 0, r.stderr[-3000:]
     assert "moved iter_6 aside to iter_6.corrupt; resuming from iter_3" in ranks[0].stdout, ranks[0].stdout
