@@ -11,8 +11,6 @@ import json
 import pickle
 import shlex
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,17 +300,18 @@ def expand(text: str, where: dict) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained(char_data, tmp_path_factory) -> Path:
+def trained(char_data, tmp_path_factory, forkserver) -> Path:
     """A tiny char-level checkpoint for the sample.py rows that get past loading it."""
     out = tmp_path_factory.mktemp("trained")
-    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, out, max_iters=1, eval_interval=1)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=loopback_env())
+    r = forkserver.run(["launch/train.py", *tiny_args(char_data, out, max_iters=1, eval_interval=1)],
+                       env=loopback_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"row{i}-{r.script}" for i, r in enumerate(ROWS, 1)])  # the doc's "#"
-def test_refused_in_one_line_before_compute(row, char_data, tmp_path, request):
+def test_refused_in_one_line_before_compute(row, char_data, tmp_path, request, forkserver):
+    """The row's script in a process of its own (forked: tests/forkserver.py), as a user would run it."""
     if row.skip and SKIPS[row.skip][1]():
         pytest.skip(SKIPS[row.skip][0])
     where = {"tmp": tmp_path, "data": char_data}
@@ -327,21 +326,19 @@ def test_refused_in_one_line_before_compute(row, char_data, tmp_path, request):
     for word in shlex.split(row.args):
         args += tiny_args(char_data, tmp_path) if word == "<tiny>" else [expand(word, where)]
     env = loopback_env(**(dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_PORT=free_port()) if row.one_rank else {}))
-    r = subprocess.run([sys.executable, SCRIPTS[row.script], *args], cwd=REPO, capture_output=True, text=True,
-                       timeout=180, env=env)
+    r = forkserver.run([SCRIPTS[row.script], *args], env=env, timeout=180)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("error: " + expand(row.message, where)), r.stderr[-3000:]
     assert not list(tmp_path.rglob("metrics.jsonl")), "training started"
 
 
-def test_missing_meta_says_which_vocab_it_assumed(char_data, tmp_path):
+def test_missing_meta_says_which_vocab_it_assumed(char_data, tmp_path, forkserver):
     """Not a refusal: without meta.pkl the GPT-2 vocab is right for GPT-2-token data, so it is said, not refused."""
     shutil.copytree(char_data, tmp_path / "data")
     (tmp_path / "data/meta.pkl").unlink()
-    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(tmp_path / "data", tmp_path / "out"),
-                        "--eval_only=True", "--eval_iters=1"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=loopback_env())
+    r = forkserver.run(["launch/train.py", *tiny_args(tmp_path / "data", tmp_path / "out"), "--eval_only=True",
+                        "--eval_iters=1"], env=loopback_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     said = [line for line in r.stdout.splitlines() if "meta.pkl" in line]
     assert said == ["no meta.pkl with the data: assuming GPT-2 tokens, vocab_size 50304 (50257 rounded up to a "
