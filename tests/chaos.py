@@ -4,6 +4,8 @@
 It reruns the SAME training command (`launch/train.py ... --init_from=auto`) until the run
 completes, and injects random faults at random moments, all drawn from random.Random seeded by
 (--seed, topology, fault number), so fault N of a seed is the same fault whatever happened before.
+With --deal the kinds are dealt from a seeded shuffle instead (each kind once in every len(faults)
+faults), so that a short run such as the CI test's meets every kind; the moments are drawn as before.
 Two topologies: `one` (one CPU process) and `ds` (the `deepspeed` launcher, 2 gloo ranks, ZeRO-2,
 ep_size=2, fp32).
 
@@ -59,7 +61,6 @@ import psutil  # noqa: E402
 
 from conftest import tiny_args  # noqa: E402
 from dist_utils import ds_json, free_port, loopback_env  # noqa: E402
-from nanomoe_ds import metrics  # noqa: E402
 
 KINDS = ("kill", "term", "usr1", "diskfull", "writer", "reader", "bitflip")  # the issue's faults 1..7
 TRIGGERS = {"kill": ("delay", "iter", "save"), "term": ("delay", "iter", "save"), "usr1": ("delay", "iter", "save"),
@@ -228,6 +229,7 @@ class MetricsTail:
         self.offset += len(data)
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
+        from nanomoe_ds import metrics  # imported by Chaos() already (see there)
         return metrics.records(lines)
 
 
@@ -306,6 +308,9 @@ class Chaos:
     """One topology: a reference run, then episodes of faults, each checked against the reference."""
 
     def __init__(self, topo: str, opts, kinds: list[str], base: Path, disk: Path | None, notes: list[str]):
+        # torch (nanomoe_ds.metrics imports it) here, before any run is timed: not at the top, since the parent
+        # outside the tmpfs namespace never needs it, nor at a trigger's first wait, where a run could end meanwhile
+        import nanomoe_ds.metrics  # noqa: F401
         self.topo, self.opts, self.kinds, self.base, self.disk = topo, opts, kinds, base, disk
         self.world = WORLD[topo]
         self.M = opts.max_iters
@@ -362,7 +367,7 @@ class Chaos:
         print(f"[{self.topo}] {msg}", flush=True)
 
     def repro(self, n: int) -> str:
-        extra = f" --max_iters={self.M}" if self.M != 24 else ""
+        extra = (f" --max_iters={self.M}" if self.M != 24 else "") + (" --deal" if self.opts.deal else "")
         return (f"python tests/chaos.py --topology {self.topo} --seed {self.opts.seed} --faults {','.join(self.kinds)} "
                 f"--count {n}{extra}")
 
@@ -399,11 +404,20 @@ class Chaos:
         attempt = self.misses.get(n, 0)
         rng = random.Random(f"{self.opts.seed}/{self.topo}/{n}" + (f"/{attempt}" if attempt else ""))
         kind = rng.choice(self.kinds)
+        if self.opts.deal:  # the card stays across misses: only its moment is drawn anew
+            kind = self.dealt(n)
         trigger = rng.choice(TRIGGERS[kind])
         params = {"u": rng.random(), "save_delay": rng.uniform(0, 0.03), "hold": rng.uniform(0.5, 3.0),
                   "target": rng.choice(["rank0", "rank1", "launcher"]) if self.topo == "ds" else "process",
                   "flip": rng.random(), "flip_file": rng.random(), "flip_bit": rng.randrange(8)}
         return Fault(self.topo, n, kind, trigger, params, repro=self.repro(n))
+
+    def dealt(self, n: int) -> str:
+        """Fault n's kind under --deal: the kinds shuffled (seeded) into a deck per len(kinds) faults, so that a
+        short run meets every kind once, in a random order."""
+        deck = list(self.kinds)
+        random.Random(f"{self.opts.seed}/{self.topo}/deck{(n - 1) // len(deck)}").shuffle(deck)
+        return deck[(n - 1) % len(deck)]
 
     def record(self, fault: Fault):
         self.faults.append(fault)
@@ -1069,6 +1083,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faults", default="all", help=f"comma list of {', '.join(KINDS)} (or 1-7); default all")
     p.add_argument("--count", type=int, default=10, help="faults per topology")
+    p.add_argument("--deal", action="store_true",
+                   help="deal the kinds from a seeded shuffle (every kind once in each len(faults) faults) instead of "
+                        "drawing each fault's kind independently; moments stay drawn")
     p.add_argument("--topology", choices=("one", "ds", "both"), default="both")
     p.add_argument("--out", type=Path, default=Path("/tmp/chaos"))
     p.add_argument("--log", default=None, help="JSON lines of every fault (default OUT/faults.jsonl)")
