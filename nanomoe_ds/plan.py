@@ -24,6 +24,7 @@ and the MoE memory discussions of Megatron-LM (#4050) and Megatron-Bridge (#3910
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -213,17 +214,23 @@ def optimizer_groups(inv: Inventory, ep_size: int) -> list[tuple[list[int], bool
     return [(numels, expert) for numels, expert in dense + moe if numels]
 
 
+def param_parts(numels: list[int], size: int) -> list[tuple[int, int, int]]:
+    """(elements, first partition, last partition) of each parameter of a flat group cut into partitions of
+    `size`: the partitions it touches, whose ranks hold its whole gradient at the boundary (DeepSpeed's
+    get_partition_info)."""
+    parts, offset = [], 0
+    for numel in numels:
+        parts.append((numel, offset // size, (offset + numel - 1) // size))
+        offset += numel
+    return parts
+
+
 def zero_partition(numels: list[int], dp: int, part: int) -> tuple[int, int, int]:
     """ZeRO-1/2's flat group: (padded elements, partition elements, elements of the parameters that touch
-    partition `part`, whose gradients that rank holds at the boundary)."""
+    partition `part`)."""
     padded = -(-sum(numels) // (2 * dp)) * (2 * dp)  # DeepSpeed aligns to nccl_start_alignment_factor (2) x dp
     size = padded // dp
-    start, end, offset, touching = part * size, (part + 1) * size, 0, 0
-    for numel in numels:
-        if start <= offset < end or offset < start < offset + numel:
-            touching += numel
-        offset += numel
-    return padded, size, touching
+    return padded, size, sum(numel for numel, first, last in param_parts(numels, size) if first <= part <= last)
 
 
 def zero12_states(groups: list, layout: Layout, rank: int, buffers: int) -> ModelStates:
@@ -244,7 +251,8 @@ def zero12_states(groups: list, layout: Layout, rank: int, buffers: int) -> Mode
     if layout.offload:  # masters, moments, the fp32 gradient partition and staging copies live in CPU memory
         largest = max(max(numels) for numels, _ in groups)
         staged = partition * (4 + width) + (touching + largest) * width
-        kept, host, grads = staged + largest * width, optimizer + staged, 0  # one largest-parameter buffer on the device
+        # the device keeps one buffer as large as the largest parameter
+        kept, host, grads = staged + largest * width, optimizer + staged, 0
         accumulating = 0 if layout.zero_stage == 2 else accumulating
     return ModelStates(weights, partition * 4, partition * 4 * ADAM_MOMENTS, kept, grads, accumulating,
                        layout.reduce_bucket * width, host)
@@ -280,10 +288,22 @@ def model_states(inv: Inventory, layout: Layout, rank: int = 0, groups: list | N
 
 
 def heaviest_rank(inv: Inventory, layout: Layout) -> ModelStates:
-    """The model states of the rank holding the most (ranks differ only in the gradients touching their partition)."""
-    ranks = range(layout.world_size) if layout.zero_stage in (1, 2) else (0,)
+    """The model states of the rank holding the most. Ranks differ only in ZeRO-1/2's gradients, those of the
+    parameters touching their partitions: summed per partition in one pass, at any number of ranks."""
     groups = optimizer_groups(inv, layout.ep_size)
-    return max((model_states(inv, layout, rank, groups) for rank in ranks), key=lambda s: s.resting + s.grads)
+    if layout.zero_stage not in (1, 2):
+        return model_states(inv, layout, 0, groups)
+    touched = [0] * layout.world_size
+    for numels, expert in groups:
+        dp = layout.world_size // layout.ep_size if expert else layout.world_size
+        per_part = [0] * (dp + 1)
+        for numel, first, last in param_parts(numels, zero_partition(numels, dp, 0)[1]):
+            per_part[first] += numel
+            per_part[last + 1] -= numel
+        per_part = list(itertools.accumulate(per_part))
+        for rank in range(layout.world_size):
+            touched[rank] += per_part[rank // layout.ep_size if expert else rank]
+    return model_states(inv, layout, max(range(layout.world_size), key=touched.__getitem__), groups)
 
 
 # ---------------------------------------------------------------- activations
@@ -310,7 +330,8 @@ def moe_layer_bytes(model_cfg: GPTConfig, tokens: int, width: int, ep_size: int)
     return dispatch + experts + router + shared, dispatch
 
 
-def block_bytes(model_cfg: GPTConfig, layer: int, tokens: int, widths: tuple[int, int], ep_size: int) -> tuple[int, int]:
+def block_bytes(model_cfg: GPTConfig, layer: int, tokens: int, widths: tuple[int, int],
+                ep_size: int) -> tuple[int, int]:
     """(bytes block `layer` saves for backward, of which MoE dispatch) for `tokens` tokens.
 
     widths: (compute, residual) element sizes; the residual stream stays fp32 under autocast.
@@ -452,7 +473,8 @@ def advise(inv: Inventory, plan: Plan) -> Advice:
                for ac in (False, True)}
     ep_peaks = {}
     if cfg.use_moe and layout.zero_stage is not None:
-        for ep in (e for e in range(1, layout.world_size + 1) if layout.world_size % e == 0 and cfg.num_experts % e == 0):
+        world = layout.world_size
+        for ep in (e for e in range(1, world + 1) if world % e == 0 and cfg.num_experts % e == 0):
             other = dataclasses.replace(layout, ep_size=ep)
             ep_peaks[ep] = peak_bytes(heaviest_rank(inv, other), activations(inv, plan.batch_size, other,
                                                                               layout.activation_checkpointing), other)
@@ -480,7 +502,8 @@ def verdict(inv: Inventory, plan: Plan, batches: dict, ep_peaks: dict) -> str | 
                 f"activation checkpointing, beside {gib(held)} of model states; lower block_size")
     checkpointing = "--activation_checkpointing=True" + (
         f" --batch_size={batches[True]}" if batches[True] < plan.batch_size else "")
-    fixes = [f"--batch_size={batches[layout.activation_checkpointing]}"] if batches[layout.activation_checkpointing] else []
+    largest = batches[layout.activation_checkpointing]
+    fixes = [f"--batch_size={largest}"] if largest else []
     if not layout.activation_checkpointing:
         fixes = ([checkpointing] + fixes) if batches[True] >= plan.batch_size else (fixes + [checkpointing])
     return (f"does not fit: batch_size={plan.batch_size} needs {gib(plan.peak)} per rank of {gib(memory)}; use "

@@ -162,7 +162,7 @@ def world_configs(world: int) -> list[dict]:
     if world == 2:  # a tiny model: bf16 costs nothing here
         configs += [dict(json_name="zero0", ep_size=2, bf16=True), dict(json_name="zero2_offload", ep_size=2),
                     dict(json_name="zero2", ep_size=2, activation_checkpointing=True)]
-    return configs + fuzzed(world, {1: 1, 2: 2, 4: 1}[world], tuple(eps))
+    return configs + fuzzed(world, {1: 1, 2: 2, 4: 0}[world], tuple(eps))  # 4 ranks: the full matrix is enough
 
 
 def run_world(world: int, tmp_path: Path) -> list[tuple[list[str], list[dict]]]:
@@ -204,9 +204,7 @@ def test_model_states_are_what_each_rank_allocates(measured):
 def test_collective_bytes_are_what_a_step_hands_over(measured):
     """The bytes a real step hands to each collective equal the plan's; the all-to-all summed over the ranks
     (a rank returns as many rows as it received, which routing decides; the ranks together send T*k each)."""
-    world, results = measured
-    if world == 1:
-        pytest.skip("one rank exchanges nothing")  # the 1-rank world serves test_model_states above
+    world, results = measured  # one rank too: ZeRO-1/2/3 call their reductions on a group of one
     for args, ranks in results:
         inv, layout, batch = planned_layout(args, world)
         want = plan.collectives(inv, batch, layout)
@@ -317,14 +315,16 @@ def random_setup(rng: random.Random) -> tuple[GPTConfig, plan.Layout, int]:
     ep = rng.choice([e for e in (1, 2, 4, 8) if world % e == 0 and experts % e == 0 and (e == 1 or model_cfg.use_moe)])
     stage = rng.choice([0, 1, 2] + ([3] if not model_cfg.use_moe else []))
     layout = plan.Layout(world, ep, stage, rng.choice(["float32", "bfloat16"]), world * rng.randint(1, 3),
-                         rng.random() < 0.5, offload=stage == 2 and rng.random() < 0.3, reduce_bucket=rng.choice([1000, 10**8]))
+                         rng.random() < 0.5, offload=stage == 2 and rng.random() < 0.3,
+                         reduce_bucket=rng.choice([1000, 10**8]))
     return model_cfg, layout, rng.randint(1, 8)
 
 
 def test_fuzzed_plans_hold_their_invariants():
-    """Over random configs: in bf16 ZeRO-2 holds no more model state than ZeRO-1, nor ZeRO-1 than ZeRO-0, buckets
-    aside (in fp32 it can: ZeRO-1/2 add an fp32 master partition where ZeRO-0 steps the weights); the largest batch
-    found fits and one more does not; a plan that does not fit says why in one line."""
+    """Over random configs: the plan's rank is the one holding the most; in bf16 ZeRO-2 holds no more model state
+    than ZeRO-1, nor ZeRO-1 than ZeRO-0, buckets aside (in fp32 it can: ZeRO-1/2 add an fp32 master partition where
+    ZeRO-0 steps the weights); the largest batch found fits and one more does not; a plan that does not fit says
+    why in one line."""
     rng = random.Random(0)
     for _ in range(40):
         model_cfg, layout, batch = random_setup(rng)
@@ -335,6 +335,8 @@ def test_fuzzed_plans_hold_their_invariants():
         held = [states.resting + max(states.grads, states.accumulating - states.bucket) for states in held]
         padding = 4 * 2 * layout.world_size * 2  # ZeRO-1/2 pad each group's flat buffer to 2 x its ranks
         assert held[2] <= held[1] <= held[0] + padding or layout.world_size == 1, (model_cfg, layout, held)
+        ranks = [plan.model_states(inv, layout, rank) for rank in range(layout.world_size)]
+        assert max(s.resting + s.grads for s in ranks) == result.states.resting + result.states.grads
         advice = result.advice
         assert (advice.verdict is None) == (result.peak <= result.device.memory)
         assert advice.verdict is None or "\n" not in advice.verdict and advice.verdict.startswith("does not fit: ")
