@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_utils import as_launched, ds_json, spawn_ranks
+from dist_utils import as_launched, ds_json
 
 from nanomoe_ds import plan
 from nanomoe_ds.activation_checkpoint import checkpoint_blocks_
@@ -165,22 +165,23 @@ def world_configs(world: int) -> list[dict]:
     return configs + fuzzed(world, {1: 1, 2: 2, 4: 0}[world], tuple(eps))  # 4 ranks: the full matrix is enough
 
 
-def run_world(world: int, tmp_path: Path) -> list[tuple[list[str], list[dict]]]:
-    """One spawned world measures every config of world_configs(world): (argv, each rank's measurements)."""
+def run_world(world: int, tmp_path: Path, forkserver) -> list[tuple[list[str], list[dict]]]:
+    """One world of ranks forked from the forkserver measures every config of world_configs(world): (argv, each
+    rank's measurements)."""
     configs = []
     for i, over in enumerate(world_configs(world)):
         over = dict(over)
         micro = over.pop("gradient_accumulation_steps", 2)
         configs.append(argv(tmp_path, world, over.pop("json_name"), **over,
                             gradient_accumulation_steps=micro * world))
-    spawn_ranks(measure_configs, (world, configs, str(tmp_path)), world, timeout=240)
+    forkserver.spawn_ranks(measure_configs, (world, configs, str(tmp_path)), world, timeout=240)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     return [(args, [ranks[r][i] for r in range(world)]) for i, args in enumerate(configs)]
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"{w}rank")
-def measured(request, tmp_path_factory):
-    return request.param, run_world(request.param, tmp_path_factory.mktemp(f"world{request.param}"))
+def measured(request, tmp_path_factory, forkserver):
+    return request.param, run_world(request.param, tmp_path_factory.mktemp(f"world{request.param}"), forkserver)
 
 
 def planned_layout(args: list[str], world: int) -> tuple[plan.Inventory, plan.Layout, int]:
