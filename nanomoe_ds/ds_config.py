@@ -166,6 +166,18 @@ def fit_ep_size(requested: int, world_size: int, num_experts: int) -> tuple[int,
                     f"(ep_size {requested} returns when the ranks allow it)")
 
 
+def as_run(ds: dict, model_cfg: GPTConfig, train_cfg: TrainConfig, world_size: int, device_kind: str,
+           support: precision.Support) -> tuple[dict, str | None]:
+    """The JSON these ranks run, and a note to print (or None): `reconcile`, then ZeRO dropped where it
+    would partition over one rank, when the config asks (drop_idle_zero). train_cfg's
+    gradient_accumulation_steps is already this world's per-rank count (data.fit_accumulation).
+    The trainer (ds_engine.reconcile_for) and the planner (plan.layout_of) both take this path."""
+    ds = reconcile(ds, model_cfg, train_cfg, world_size, device_kind, support)
+    if not train_cfg.zero_single_rank_as_stage0:
+        return ds, None
+    return drop_idle_zero(ds, world_size)
+
+
 def drop_idle_zero(ds: dict, data_parallel_size: int) -> tuple[dict, str | None]:
     """ZeRO-0 where ZeRO-1/2/3 would partition over a single rank; returns (ds, a note to print, or None).
 

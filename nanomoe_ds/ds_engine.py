@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, ds_checkpoint, ds_groups, grad_order, guards, launch_env, precision, train_state
-from .ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, json_dtype, load_ds_config, reconcile
+from .ds_config import activation_checkpointing, as_run, fit_ep_size, json_dtype, load_ds_config
 from .config import ConfigError, GPTConfig, TrainConfig
 from .data import fit_accumulation
 from .model import GPT
@@ -210,11 +210,9 @@ def reconcile_for(ds_cfg: dict, model_cfg: GPTConfig, train_cfg: TrainConfig, mi
     from deepspeed.accelerator import get_accelerator
     device_kind = get_accelerator().device_name()  # "cuda" or "cpu": the ranks' device
     train_cfg = dataclasses.replace(train_cfg, gradient_accumulation_steps=micro_batches)
-    ds_cfg = reconcile(ds_cfg, model_cfg, train_cfg, world, device_kind, precision.supports(device_kind))
-    if train_cfg.zero_single_rank_as_stage0:
-        ds_cfg, note = drop_idle_zero(ds_cfg, world)
-        if note and say and dist.get_rank() == 0:
-            print(note, flush=True)
+    ds_cfg, note = as_run(ds_cfg, model_cfg, train_cfg, world, device_kind, precision.supports(device_kind))
+    if note and say and dist.get_rank() == 0:
+        print(note, flush=True)
     # ZeRO-0 computes the norm wrongly with experts (#8475), and in fp32 (a plain torch optimizer)
     # it clips without reporting the norm: the trainer clips there itself. (Not under fp16: its
     # gradients are loss-scaled; reconcile refuses fp16 with ZeRO-0 for MoE.)

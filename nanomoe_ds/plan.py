@@ -142,7 +142,7 @@ def target_support(device_kind: str) -> precision.Support:
 
 def layout_of(model_cfg: GPTConfig, train_cfg: TrainConfig, world_size: int, ds: dict | None,
               device_kind: str = "cuda") -> Layout:
-    """The layout the trainer builds, through the trainer's own reconciliation (ds_engine.reconcile_for's steps)."""
+    """The layout the trainer builds, through the trainer's own reconciliation (ds_config.as_run, as ds_engine.reconcile_for)."""
     support = target_support(device_kind)
     if ds is None:
         if world_size != 1:
@@ -156,9 +156,7 @@ def layout_of(model_cfg: GPTConfig, train_cfg: TrainConfig, world_size: int, ds:
     micro, _ = fit_accumulation(train_cfg.gradient_accumulation_steps, world_size, train_cfg.batch_size)
     checkpointing = ds_config.activation_checkpointing(ds, model_cfg, train_cfg)
     fitted = dataclasses.replace(train_cfg, gradient_accumulation_steps=micro, ep_size=ep_size)
-    ds = ds_config.reconcile(ds, model_cfg, fitted, world_size, device_kind, support)
-    if train_cfg.zero_single_rank_as_stage0:
-        ds, _ = ds_config.drop_idle_zero(ds, world_size)
+    ds, _ = ds_config.as_run(ds, model_cfg, fitted, world_size, device_kind, support)
     dtype = ds_config.json_dtype(ds)
     if ds.get("data_types", {}).get("grad_accum_dtype") not in (None, dtype.replace("bfloat16", "bf16")):
         raise ConfigError("the planner does not model data_types.grad_accum_dtype; remove it from the JSON to plan")

@@ -8,7 +8,7 @@ from conftest import REPO
 
 from nanomoe_ds.config import ConfigError, from_argv
 from nanomoe_ds.data import fit_accumulation
-from nanomoe_ds.ds_config import activation_checkpointing, drop_idle_zero, fit_ep_size, reconcile
+from nanomoe_ds.ds_config import activation_checkpointing, as_run, drop_idle_zero, fit_ep_size, reconcile
 from nanomoe_ds.precision import Support
 
 
@@ -90,6 +90,17 @@ def test_zero_on_one_rank_runs_as_stage0(stage):
                     f"update without ZeRO-{stage}'s per-step copies")
     assert ds["zero_optimization"]["stage"] == stage  # the caller's dict is not changed
     assert drop_idle_zero(ds, data_parallel_size=2) == (ds, None)  # two ranks: ZeRO partitions
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_run_config_drops_idle_zero_only_when_asked(asked):
+    """as_run, the one path of the trainer and the planner: reconcile, then ZeRO-0 on one fp32 rank if asked."""
+    cfg = {**json.load(open(REPO / "ds_configs/zero2.json")), "bf16": {"enabled": False}}
+    model_cfg, train_cfg = from_argv(["--batch_size=4", f"--zero_single_rank_as_stage0={asked}"])
+    ran, note = as_run(cfg, model_cfg, train_cfg, 1, "cpu", Support(True, False))
+    assert ran == (drop_idle_zero(reconcile(cfg, model_cfg, train_cfg, 1, "cpu", Support(True, False)), 1)[0]
+                   if asked else reconcile(cfg, model_cfg, train_cfg, 1, "cpu", Support(True, False)))
+    assert ran["zero_optimization"]["stage"] == (0 if asked else 2) and (note is not None) == asked
 
 
 def test_zero_stage_kept_with_offload_in_bf16_or_at_stage0():
