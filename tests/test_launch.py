@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import REPO, tiny_args
-from dist_utils import (ds_json, free_port, kill_node, loopback_env, records, run_ranks, start_agent, start_ranks,
-                        train_rows, wait_for_iter)
+from dist_utils import (ds_json, free_port, kill_node, loopback_env, records, start_agent, start_ranks, train_rows,
+                        wait_for_iter, wait_ranks)
 
 ZERO2 = str(REPO / "ds_configs/zero2.json")
 
@@ -67,7 +67,7 @@ def test_killed_rank_ends_the_job(char_data, tmp_path):
 
 
 def test_hung_rank_ends_the_job_after_dist_timeout(char_data, tmp_path):
-    procs = long_run(char_data, tmp_path, dist_timeout=10)
+    procs = long_run(char_data, tmp_path, dist_timeout=6)  # above the ranks' start-up skew, which it also bounds
     try:
         wait_for_iter(tmp_path, 2, procs)
         os.kill(procs[1].pid, signal.SIGSTOP)
@@ -75,8 +75,8 @@ def test_hung_rank_ends_the_job_after_dist_timeout(char_data, tmp_path):
         _, err = procs[0].communicate(timeout=90)
         waited = time.time() - t0
         assert procs[0].returncode != 0
-        assert waited < 10 + 30, waited
-        assert re.search(r"^error: rank 0: a collective \(\w+\) waited longer than dist_timeout=10s; another rank is "
+        assert waited < 6 + 30, waited
+        assert re.search(r"^error: rank 0: a collective \(\w+\) waited longer than dist_timeout=6s; another rank is "
                          r"hung or dead$", err, re.M), err[-2000:]
     finally:
         for p in procs:
@@ -117,28 +117,37 @@ def two_hosts(request):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+TWO_RANKS = ["--deepspeed_config", ZERO2, "--ep_size=2"]
+
+
+@pytest.fixture(scope="module")
+def one_launcher_losses(char_data, tmp_path_factory, forkserver) -> list[float]:
+    """The losses of 2 ranks started by one launcher: what both two-launcher cases must match."""
+    out = tmp_path_factory.mktemp("one_launcher")
+    one = forkserver.run_ranks(2, [*TWO_RANKS, *tiny_args(char_data, out, max_iters=3, eval_interval=3)])
+    assert [r.returncode for r in one] == [0, 0], one[0].stderr[-3000:]
+    return [r["loss"] for r in train_rows(out)]
+
+
 @pytest.mark.parametrize("two_hosts", ["loopback", "netns"], indirect=True)
-def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path, two_hosts):
+def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path, two_hosts, one_launcher_losses):
     """Two 'nodes' (one rank each), each started by its own `deepspeed --no_ssh --node_rank N`,
     train and checkpoint as the same 2 ranks started by one launcher. In the netns case the
     nodes reach each other only through their veth pair, as two machines on a network would."""
     hosts, nodes, master = two_hosts
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(hosts)
-    port, args = free_port(), ["--deepspeed_config", ZERO2, "--ep_size=2"]
+    port = free_port()
     procs = [subprocess.Popen([*prefix, "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2",
                                "--num_gpus", "1", "--node_rank", str(n), "--master_addr", master,
-                               "--master_port", str(port), "launch/train.py", *args,
+                               "--master_port", str(port), "launch/train.py", *TWO_RANKS,
                                *tiny_args(char_data, tmp_path / "nodes", max_iters=3, eval_interval=3)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n, (prefix, env) in enumerate(nodes)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
-    one = start_ranks(2, [*args, *tiny_args(char_data, tmp_path / "one", max_iters=3, eval_interval=3)])
-    outs = [p.communicate(timeout=300) for p in one]
-    assert [p.returncode for p in one] == [0, 0], outs[0][1][-3000:]
-    rows_nodes, rows_one = train_rows(tmp_path / "nodes"), train_rows(tmp_path / "one")
-    assert [r["loss"] for r in rows_nodes] == pytest.approx([r["loss"] for r in rows_one], rel=1e-6)
+    rows_nodes = train_rows(tmp_path / "nodes")
+    assert [r["loss"] for r in rows_nodes] == pytest.approx(one_launcher_losses, rel=1e-6)
     shards = sorted(p.name for p in (tmp_path / "nodes" / "iter_3").glob("shard_*"))
     assert shards == ["shard_00000.bin", "shard_00001.bin"]  # both nodes wrote their share into the shared out_dir
 
@@ -180,15 +189,21 @@ def after_resume(out_dir, from_world: int, to_world: int) -> tuple[dict, list[di
     return recs[at], [r for r in recs[at + 1:] if "loss" in r]
 
 
-def resumed_by_hand(char_data, tmp_path, out_dir, iteration: int, world: int, max_iters: int) -> list[dict]:
-    """The same checkpoint continued at `world` ranks by a plain (non-elastic) resume; its training records."""
+def start_by_hand(char_data, tmp_path, out_dir, world: int, max_iters: int) -> list[subprocess.Popen]:
+    """A copy of out_dir as it is now, continued from its newest checkpoint at `world` ranks by a plain
+    (non-elastic) resume; started while the elastic job restarts (it writes nothing until its workers are up)."""
     hand = tmp_path / "by_hand"
     shutil.copytree(out_dir, hand, ignore=shutil.ignore_patterns(".run.lock"))
     args = elastic_args(char_data, tmp_path, hand, max_iters)
-    args = [a for a in args if a != "--init_from=auto"] + ["--init_from=resume", f"--resume_iter={iteration}"]
-    res = run_ranks(world, args)
+    return start_ranks(world, [a for a in args if a != "--init_from=auto"] + ["--init_from=resume"])
+
+
+def by_hand_steps(tmp_path, by_hand: list[subprocess.Popen]) -> list[dict]:
+    """The training records of the resume by hand, once it has finished (assert_same_steps checks that it
+    resumed from the checkpoint the elastic job did)."""
+    res, world = wait_ranks(by_hand), len(by_hand)
     assert [r.returncode for r in res] == [0] * world, res[0].stderr[-3000:]
-    return after_resume(hand, 2 if world == 1 else 1, world)[1]
+    return after_resume(tmp_path / "by_hand", 2 if world == 1 else 1, world)[1]
 
 
 def assert_same_steps(elastic: list[dict], by_hand: list[dict], first: int, last: int):
@@ -204,50 +219,78 @@ def test_elastic_a_node_dies_and_the_survivor_finishes_alone(char_data, tmp_path
     restarts it at world size 1, which resumes the newest checkpoint with ep_size 1 and finishes, taking the
     steps a resume by hand at world size 1 takes."""
     _, nodes, master = two_hosts
-    out, last = tmp_path / "run", 150
+    out, last = tmp_path / "run", 40  # the survivor's rank stops at its next collective after the kill, past 25
     endpoint = f"{master}:{free_port()}"
     args = elastic_args(char_data, tmp_path, out, last)
     host = start_agent(*nodes[0], endpoint, args, tmp_path / "host.log", hosts_store=True)
     other = start_agent(*nodes[1], endpoint, args, tmp_path / "other.log", hosts_store=False)
+    by_hand = []
     try:
         wait_for_iter(out, 25, [host, other])
         kill_node(other)
+        by_hand = start_by_hand(char_data, tmp_path, out, 1, last)  # from iter_20, as the survivor should
         assert host.wait(timeout=240) == 0, (tmp_path / "host.log").read_text()[-3000:]
+        hand_steps = by_hand_steps(tmp_path, by_hand)
     finally:
         for agent in (host, other):
             if agent.poll() is None:
                 kill_node(agent)
+        for rank in by_hand:
+            rank.kill()
     log = (tmp_path / "host.log").read_text()
     assert re.search(r"^error: rank 0: lost the rank at [\d.]+:\d+ during \w+: it died or its node is gone", log, re.M)
     assert "Traceback" not in log
     event, steps = after_resume(out, 2, 1)
     assert (event["from"]["ep_size"], event["to"]["ep_size"]) == (2, 1) and event["iter"] >= 20
     assert "note: ep_size 2 does not divide the 1 ranks; running ep_size 1" in log
-    assert_same_steps(steps, resumed_by_hand(char_data, tmp_path, out, event["iter"], 1, last), event["iter"], last)
+    assert_same_steps(steps, hand_steps, event["iter"], last)
+
+
+def sigterm_pending(pid: int) -> bool:
+    """Whether a SIGTERM waits for the (stopped) process: bit SIGTERM-1 of ShdPnd in /proc/PID/status."""
+    status = open(f"/proc/{pid}/status").read()
+    pending = int(re.search(r"^ShdPnd:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(pending >> (signal.SIGTERM - 1) & 1)
 
 
 def test_elastic_a_node_joins_and_the_job_grows(char_data, tmp_path):
     """One agent trains alone (world size 1, ep_size 1); a second joins mid-run. The first agent stops its
     worker (SIGTERM: it saves), the job re-forms at world size 2 and resumes with the requested ep_size 2,
-    taking the steps a resume by hand at world size 2 takes."""
-    out, last = tmp_path / "run", 300
+    taking the steps a resume by hand at world size 2 takes. The lone worker is paused (SIGSTOP) from
+    iteration 10 until its agent has sent the SIGTERM, so that the run reaches the join with few iterations,
+    however long the second agent takes to start."""
+    import psutil
+    out, last = tmp_path / "run", 30
     endpoint = f"127.0.0.1:{free_port()}"
     args = elastic_args(char_data, tmp_path, out, last)
     first = start_agent([], loopback_env(), endpoint, args, tmp_path / "first.log", hosts_store=True)
-    second = None
+    second, by_hand = None, []
     try:
         wait_for_iter(out, 10, [first])
+        (worker,) = [p for p in psutil.Process(first.pid).children(recursive=True)
+                     if any(a.endswith("launch/train.py") for a in p.cmdline())]
+        worker.suspend()
         second = start_agent([], loopback_env(), endpoint, args, tmp_path / "second.log", hosts_store=False)
+        deadline = time.monotonic() + 120
+        while not sigterm_pending(worker.pid):
+            assert time.monotonic() < deadline and first.poll() is None, "the first agent never stopped its worker"
+            time.sleep(0.1)
+        worker.resume()
+        worker.wait(timeout=120)  # it saved where it stopped; the job re-forms at 2 ranks meanwhile
+        by_hand = start_by_hand(char_data, tmp_path, out, 2, last)
         assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
         assert second.wait(timeout=60) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        hand_steps = by_hand_steps(tmp_path, by_hand)
     finally:
         for agent in (first, second):
             if agent is not None and agent.poll() is None:
                 kill_node(agent)
+        for rank in by_hand:
+            rank.kill()
     event, steps = after_resume(out, 1, 2)
     assert (event["from"]["ep_size"], event["to"]["ep_size"]) == (1, 2) and event["redone_iters"] == 0
     assert "stopped by SIGTERM" in (tmp_path / "first.log").read_text()  # the agent's stop saved the state
-    assert_same_steps(steps, resumed_by_hand(char_data, tmp_path, out, event["iter"], 2, last), event["iter"], last)
+    assert_same_steps(steps, hand_steps, event["iter"], last)
 
 
 def test_slurm_requeue_continues_where_the_time_limit_stopped(char_data, tmp_path):
@@ -259,7 +302,7 @@ def test_slurm_requeue_continues_where_the_time_limit_stopped(char_data, tmp_pat
     (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
-    train = "launch/train.py " + " ".join(tiny_args(char_data, tmp_path / "unused", max_iters=400, eval_interval=50))
+    train = "launch/train.py " + " ".join(tiny_args(char_data, tmp_path / "unused", max_iters=120, eval_interval=50))
     env = loopback_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42", OUT_DIR=tmp_path / "run",
                        TRAIN=train)
     script = ["bash", str(REPO / "launch/slurm/train.sbatch")]
@@ -276,10 +319,10 @@ def test_slurm_requeue_continues_where_the_time_limit_stopped(char_data, tmp_pat
     second = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at iteration " in second.stdout
-    assert [r["iter"] for r in train_rows(tmp_path / "run")] == list(range(401))  # each iteration once
+    assert [r["iter"] for r in train_rows(tmp_path / "run")] == list(range(121))  # each iteration once
 
 
-def test_a_rendezvous_port_in_use_is_one_line_naming_it(char_data, tmp_path):
+def test_a_rendezvous_port_in_use_is_one_line_naming_it(char_data, tmp_path, forkserver):
     """A previous job's ranks still hold the port (here: a socket this test listens on): one line that names
     the port and how to choose another, exit status 2, not torch's EADDRINUSE traceback."""
     import socket
@@ -287,9 +330,9 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_it(char_data, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "launch/train.py", "--deepspeed_config", ds_json(tmp_path, "zero2"),
-                            *tiny_args(char_data, tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
-                           timeout=120, env=loopback_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_PORT=port))
+        r = forkserver.run(["launch/train.py", "--deepspeed_config", ds_json(tmp_path, "zero2"),
+                            *tiny_args(char_data, tmp_path / "run")], timeout=120,
+                           env=loopback_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_PORT=port))
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr == (f"error: the rendezvous port {port} on 127.0.0.1 is in use (a previous job's ranks still "
                         "exiting, or another job on this node); choose another with the launcher's --master_port=N "
