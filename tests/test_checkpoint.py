@@ -1,8 +1,8 @@
 """Checkpoints: resume at another topology with the optimizer state, compatibility refusals, corrupt files.
 
-Every resharding case trains to iteration 3, then continues from the same checkpoint
-twice: at the topology it was saved at, and at another. Both continuations must take
-the same next steps (losses and gradient norms to 1e-5 relative, fp32).
+Every resharding case trains straight to iteration 6 at the topology it saves at, and
+continues from its checkpoint at iteration 3 at another topology: the continuation must
+take the straight run's steps 3-6 (losses and gradient norms to 1e-5 relative, fp32).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ TOPOLOGIES = {  # name: (ranks, ep_size, DeepSpeed JSON or None for the single-d
 PARTITION_EVERYTHING = {"stage3_param_persistence_threshold": 0}
 
 
-def run_at(topology: str, char_data, out_dir, tmp_path, **over):
+def run_at(forkserver, topology: str, char_data, out_dir, tmp_path, **over):
+    """Train at `topology`: one device in this process, DeepSpeed ranks forked from the session's fork server."""
     ranks, ep_size, json_name = TOPOLOGIES[topology]
     if "dense" in topology:  # an odd width: ZeRO-3 pads most tensors to split them in two
         over = {"use_moe": False, "n_embd": 33, "n_head": 3, **over}
@@ -55,24 +56,37 @@ def run_at(topology: str, char_data, out_dir, tmp_path, **over):
     if topology.endswith("offload"):
         zero = {**zero, "offload_optimizer": {"device": "cpu"}}
     ds = ds_json(tmp_path, json_name, bf16=topology.endswith("bf16"), zero=zero)
-    for r in run_ranks(ranks, ["--deepspeed_config", ds, *args, f"--ep_size={ep_size}"]):
+    for r in forkserver.run_ranks(ranks, ["--deepspeed_config", ds, *args, f"--ep_size={ep_size}"]):
         assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
-def saved(char_data, tmp_path_factory):
-    """Per source topology: a checkpoint at iteration 3, and the steps 3-6 of continuing there."""
+def saved(forkserver, char_data, tmp_path_factory):
+    """Per source topology, one straight run to iteration 6: its checkpoint at iteration 3, in an out_dir as a
+    run stopped there leaves it, and its steps 3-6, which every continuation from that checkpoint must take.
+    (The data order is a function of the iteration (data.Batches), and the LR schedule of lr_decay_iters,
+    not max_iters: the run to 6 saves at 3 what a run to 3 saves.)"""
     cache = {}
 
     def get(topology):
         if topology not in cache:
             base = tmp_path_factory.mktemp(topology)
-            run_at(topology, char_data, base / "run", base, max_iters=3)
-            shutil.copytree(base / "run", base / "at3")
-            run_at(topology, char_data, base / "run", base, max_iters=6, init_from="resume")
-            cache[topology] = base / "at3", train_rows(base / "run")[-4:]
+            run_at(forkserver, topology, char_data, base / "run", base, max_iters=6)
+            cache[topology] = as_stopped_at(base / "run", 3, base / "at3"), train_rows(base / "run")[-4:]
         return cache[topology]
     return get
+
+
+def as_stopped_at(out_dir, iteration: int, copy):
+    """A copy of out_dir as a run with max_iters=`iteration` would have left it: no checkpoint after
+    iter_<iteration>, and metrics.jsonl up to that iteration's step."""
+    later = [p.name for p in out_dir.glob("iter_*") if int(p.name.split("_")[1]) > iteration]
+    shutil.copytree(out_dir, copy, ignore=lambda directory, names: later if directory == str(out_dir) else [])
+    lines = open(out_dir / "metrics.jsonl").readlines()
+    records = [json.loads(line) for line in lines]
+    last = next(i for i, r in enumerate(records) if r.get("iter") == iteration and "loss" in r)  # its train record
+    (copy / "metrics.jsonl").write_text("".join(lines[:last + 1]))
+    return copy
 
 
 @pytest.mark.parametrize("source, target", [
@@ -90,10 +104,10 @@ def saved(char_data, tmp_path_factory):
     ("w2-zero3-dense-bf16", "local-dense"),  # the shipped zero3.json: bf16 partitions, fp32 masters
     ("local-dense", "w2-zero3-dense-offload"),  # into partitions the optimizer keeps in CPU memory
 ])
-def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_path, source, target):
+def test_resume_at_another_topology_takes_the_same_steps(saved, forkserver, char_data, tmp_path, source, target):
     at3, continued = saved(source)
     shutil.copytree(at3, tmp_path / "run")
-    run_at(target, char_data, tmp_path / "run", tmp_path, max_iters=6, init_from="resume")
+    run_at(forkserver, target, char_data, tmp_path / "run", tmp_path, max_iters=6, init_from="resume")
     resharded = train_rows(tmp_path / "run")[-4:]
     assert [r["iter"] for r in resharded] == [r["iter"] for r in continued] == [3, 4, 5, 6]
     rel = 2e-2 if source.endswith("bf16") else 1e-5
@@ -103,7 +117,7 @@ def test_resume_at_another_topology_takes_the_same_steps(saved, char_data, tmp_p
 
 
 @pytest.mark.parametrize("topology", ["local", "w2ep2-zero2"])
-def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, char_data, tmp_path, topology):
+def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, forkserver, char_data, tmp_path, topology):
     """Resumed at an eval-aligned iteration with always_save_checkpoint (nanoGPT's default), a run evaluates
     but saves only after it has trained: a kill then cannot truncate the checkpoint it came from."""
     at3, _ = saved(topology)
@@ -111,7 +125,7 @@ def test_a_resumed_run_does_not_rewrite_the_checkpoint_it_loaded(saved, char_dat
     shutil.copytree(at3, out)
     before = digest(out)
     before_rows = len(open(out / "metrics.jsonl").readlines())
-    run_at(topology, char_data, out, tmp_path, max_iters=3, init_from="resume")  # eval at 3, train 3, stop
+    run_at(forkserver, topology, char_data, out, tmp_path, max_iters=3, init_from="resume")  # eval at 3, train 3, stop
     resumed = [json.loads(line) for line in open(out / "metrics.jsonl").readlines()[before_rows:]]
     assert [(r["iter"], r.get("event"), "val_loss" in r) for r in resumed] == [(3, "resume", False), (3, None, True),
                                                                                (3, None, False)]
@@ -152,18 +166,18 @@ def test_zero3_ranks_write_their_partitions_without_the_padding(saved):
 
 
 @pytest.mark.parametrize("source", ["local", "w2ep2-zero2"])
-def test_export_writes_one_file_that_resumes_as_an_older_versions_checkpoint(saved, char_data, tmp_path, source):
+def test_export_writes_one_file_that_resumes_as_an_older_versions_checkpoint(saved, forkserver, char_data, tmp_path,
+                                                                             source):
     """launch/export.py writes whole tensors by name; as a run's ckpt.pt (the single-file format before
     sharding) it resumes, and takes the same next steps as the sharded checkpoint it came from."""
     at3, continued = saved(source)
     (tmp_path / "run").mkdir()
     shutil.copy(at3 / "metrics.jsonl", tmp_path / "run")
-    r = subprocess.run([sys.executable, "launch/export.py", str(at3), str(tmp_path / "run" / "ckpt.pt")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/export.py", str(at3), str(tmp_path / "run" / "ckpt.pt")], timeout=120)
     assert r.returncode == 0 and r.stdout.startswith(f"wrote {tmp_path / 'run' / 'ckpt.pt'}: iteration 3"), r.stderr
     exported = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert exported["model"]["transformer.h.0.mlp.experts.w_in"].shape[0] == 4  # whole: every expert
-    run_at(source, char_data, tmp_path / "run", tmp_path, max_iters=6, init_from="resume")
+    run_at(forkserver, source, char_data, tmp_path / "run", tmp_path, max_iters=6, init_from="resume")
     resumed = train_rows(tmp_path / "run")[-4:]
     for a, b in zip(resumed, continued):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -171,7 +185,7 @@ def test_export_writes_one_file_that_resumes_as_an_older_versions_checkpoint(sav
 
 
 # ------------------------------------------------------------ compatibility and corruption, in-process
-def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offered(char_data, tmp_path):
+def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offered(char_data, tmp_path, forkserver):
     """Low bits flipped in one record (the value barely changes: only the checksum can tell) and a shard
     truncated after its weights (only its size can tell): sample.py and a resume pinned to it refuse in one line
     naming the file; --resume_iter takes the previous one. (An unpinned resume falls back: test_resume.py.)"""
@@ -189,7 +203,7 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offere
     for script in (["launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--max_new_tokens=2"],
                    ["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume", resume_iter=6,
                                                   max_iters=6)]):
-        r = subprocess.run([sys.executable, *script], cwd=REPO, capture_output=True, text=True, timeout=120)
+        r = forkserver.run(script, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.startswith(expected) and r.stderr.endswith(offer), r.stderr
         assert r.stderr.count("\n") == 1, r.stderr
@@ -198,14 +212,11 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line_and_the_previous_one_offere
     weights_end = max(r[4] + 4 * r[2] for r in records if r[0].startswith("model/"))
     assert weights_end < len(data)
     shard.write_bytes(bytes(data[:weights_end]))
-    r = subprocess.run([sys.executable, "launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu",
-                        "--max_new_tokens=2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--max_new_tokens=2"], timeout=120)
     truncated = f"error: {shard} is truncated ({weights_end:,} bytes; the checkpoint wrote {len(data):,}); "
     assert r.returncode == 2 and r.stderr == truncated + offer, r.stderr
-    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
-                                                                      resume_iter=3, max_iters=4)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume", resume_iter=3,
+                                                     max_iters=4)], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 3: train loss" in r.stdout
 
@@ -233,15 +244,14 @@ def test_complete_partial_saves_are_finished_in_iteration_order(char_data, tmp_p
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_eval_only_is_a_reader_and_changes_nothing_in_out_dir(char_data, tmp_path):
+def test_eval_only_is_a_reader_and_changes_nothing_in_out_dir(char_data, tmp_path, forkserver):
     """--eval_only=True holds no lock, so it must not recover (a running run may be saving that .partial)
     nor write into the run's metrics.jsonl: it evaluates and prints, and out_dir is as it was."""
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
     shutil.copytree(tmp_path / "iter_6", tmp_path / "iter_9.partial")  # as if the run were saving iter_9 now
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
-                                                                      eval_only=True)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume", eval_only=True)],
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 6: train loss" in r.stdout
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -286,25 +296,24 @@ def test_resume_iter_names_a_committed_checkpoint(char_data, tmp_path):
         from_argv(tiny_args(char_data, tmp_path, resume_iter=3))
 
 
-def test_cli_resume_with_another_shape_is_refused(char_data, tmp_path):
+def test_cli_resume_with_another_shape_is_refused(char_data, tmp_path, forkserver):
     model_cfg, train_cfg = from_argv(tiny_args(char_data, tmp_path, max_iters=3))
     train(model_cfg, train_cfg)
-    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume"),
-                        "--n_layer=4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume"), "--n_layer=4"],
+                       timeout=120)
     assert r.returncode == 2
     assert r.stderr == ("error: init_from=resume: n_layer=4 (checkpoint: 2) contradict the checkpoint's run; "
                         "drop them to resume, or start a new run in another out_dir\n")
 
 
-def test_auto_refuses_another_model_over_an_existing_run_and_leaves_it_untouched(char_data, tmp_path):
+def test_auto_refuses_another_model_over_an_existing_run_and_leaves_it_untouched(char_data, tmp_path, forkserver):
     """The same out_dir asked for another shape under init_from=auto: one line, nothing written."""
-    train_py = [sys.executable, "launch/train.py"]
-    first = subprocess.run([*train_py, *tiny_args(char_data, tmp_path, max_iters=3, init_from="auto")], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+    first = forkserver.run(["launch/train.py", *tiny_args(char_data, tmp_path, max_iters=3, init_from="auto")],
+                           timeout=120)
     assert first.returncode == 0 and "resumed" not in first.stdout, first.stderr[-2000:]
     before = digest(tmp_path)
-    r = subprocess.run([*train_py, *tiny_args(char_data, tmp_path, max_iters=6, init_from="auto"), "--n_layer=4"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/train.py", *tiny_args(char_data, tmp_path, max_iters=6, init_from="auto"),
+                        "--n_layer=4"], timeout=120)
     assert r.returncode == 2
     assert r.stderr == (f"error: init_from=auto (over the checkpoint in {tmp_path}): n_layer=4 (checkpoint: 2) "
                         "contradict the checkpoint's run; drop them to resume, or start a new run in another "
@@ -321,8 +330,8 @@ def digest(out_dir) -> dict:
 
 
 @pytest.mark.parametrize("topology", ["local", "w2ep2-zero2"])
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, topology):
-    run_at(topology, char_data, tmp_path / "run", tmp_path, max_iters=3)
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(saved, forkserver, char_data, tmp_path, topology):
+    shutil.copytree(saved(topology)[0], tmp_path / "run")  # a run stopped at iteration 3
     before = digest(tmp_path / "run")
     ranks, ep_size, json_name = TOPOLOGIES[topology]
     args = [*tiny_args(char_data, tmp_path / "run", **{**OVER, "max_iters": 30, "init_from": "resume",
@@ -330,7 +339,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path
                                                         "always_save_checkpoint": False})]
     if json_name:
         args = ["--deepspeed_config", ds_json(tmp_path, json_name), *args, f"--ep_size={ep_size}"]
-    res = run_ranks(ranks, args)
+    res = forkserver.run_ranks(ranks, args)
     assert [r.returncode for r in res] == [3] * ranks, res[0].stderr[-2000:]
     line = res[0].stderr.strip().splitlines()[-1]
     prefix = "error: rank 0: " if ranks > 1 else "error: "  # a multi-rank job's lines name their rank
@@ -339,14 +348,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path
 
 
 @pytest.mark.parametrize("topology, signal_rank, copies", [("local", 0, 1), ("w2ep2-zero2", 1, 2)])
-def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topology, signal_rank, copies):
+def test_sigterm_saves_and_resume_continues_exactly(forkserver, char_data, tmp_path, topology, signal_rank, copies):
     """SIGTERM to one rank mid-run: every rank finishes the step and saves; the resumed run
     takes the uninterrupted run's steps (bit for bit on one device, 1e-6 under DeepSpeed).
     Two copies back to back are what `kill -TERM -- -<pgid>` of the deepspeed launcher's group
     delivers (one directly, one forwarded): still one request, and the save happens."""
     import signal
     last = 40  # room for the signal to land mid-run: a one-device step takes ~20 ms, the poll 100 ms
-    run_at(topology, char_data, tmp_path / "full", tmp_path, max_iters=last, eval_interval=100)
+    run_at(forkserver, topology, char_data, tmp_path / "full", tmp_path, max_iters=last, eval_interval=100)
     full = {r["iter"]: r["loss"] for r in train_rows(tmp_path / "full")}
     ranks, ep_size, json_name = TOPOLOGIES[topology]
     args = tiny_args(char_data, tmp_path / "part", **{**OVER, "max_iters": last, "eval_interval": 100})
@@ -366,7 +375,7 @@ def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topolog
     stopped_at = int(stop_line.split("before iteration ")[1].split(";")[0])
     assert 4 < stopped_at < last
     resume = [*args, "--init_from=resume"]
-    for r in run_ranks(ranks, resume):
+    for r in forkserver.run_ranks(ranks, resume):
         assert r.returncode == 0, r.stderr[-2000:]
     resumed = {r["iter"]: r["loss"] for r in train_rows(tmp_path / "part")[-(last + 1 - stopped_at):]}
     assert sorted(resumed) == list(range(stopped_at, last + 1))
@@ -378,7 +387,7 @@ def test_sigterm_saves_and_resume_continues_exactly(char_data, tmp_path, topolog
 
 
 @pytest.mark.parametrize("victim, delay", [(0, 0.0), (0, 0.15), (1, 0.05), (1, 0.3)])
-def test_kill_during_saves_then_resume_from_newest_complete(char_data, tmp_path, victim, delay):
+def test_kill_during_saves_then_resume_from_newest_complete(forkserver, char_data, tmp_path, victim, delay):
     """A save every iteration, so a kill -9 at these moments usually lands inside one. Whatever
     it hits, resume works, from the newest checkpoint whose files all exist."""
     import time
@@ -396,7 +405,7 @@ def test_kill_during_saves_then_resume_from_newest_complete(char_data, tmp_path,
             p.communicate()
     committed = checkpoint_dir.open_checkpoint(str(tmp_path / "run")).meta["iter_num"]
     resume = [a if not a.startswith("--max_iters") else f"--max_iters={committed + 1}" for a in args]
-    res = run_ranks(2, [*resume, "--init_from=resume"])
+    res = forkserver.run_ranks(2, [*resume, "--init_from=resume"])
     assert [r.returncode for r in res] == [0, 0], res[0].stderr[-3000:]
     assert f"resuming iteration {committed} from {tmp_path / 'run' / f'iter_{committed}'} (same topology)" \
         in res[0].stdout
@@ -474,14 +483,14 @@ def test_a_staging_directory_missing_on_a_rank_says_the_out_dir_is_not_shared(tm
 
 
 # ------------------------------------------------------------ memory: a rank holds its share, never the whole
-def test_no_rank_holds_more_than_its_share_during_a_save_or_a_resharded_load(tmp_path):
+def test_no_rank_holds_more_than_its_share_during_a_save_or_a_resharded_load(tmp_path, forkserver):
     """Real ranks (bench/bench_ckpt.py's): a 19M-parameter MoE saved at 2 ranks (ZeRO-2, ep_size 2) and
     loaded at 4. Each rank's resident memory may grow by at most 1.25x its share of the state (12 bytes per
     parameter / world) plus 24 MiB; gathering whole tensors, as the format before this one did, adds the whole
     state (226 MiB) to every rank and fails this."""
-    r = subprocess.run([sys.executable, "bench/bench_ckpt.py", "--worlds", "2", "--load_worlds", "4",
-                        "--json", str(tmp_path / "runs.json"), "--timeout", "400", "--n_layer=2", "--n_embd=384",
-                        "--n_head=4", "--vocab_size=512"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = forkserver.run(["bench/bench_ckpt.py", "--worlds", "2", "--load_worlds", "4", "--json",
+                        str(tmp_path / "runs.json"), "--timeout", "400", "--n_layer=2", "--n_embd=384", "--n_head=4",
+                        "--vocab_size=512"], timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert [(op, len(ranks)) for op, ranks in runs] == [("save", 2), ("load 2->4", 4)]
@@ -562,12 +571,11 @@ def test_a_complete_partial_beside_a_stale_directory_of_its_iteration_is_install
     assert (tmp_path / "iter_6.stale").is_dir()
 
 
-def test_eval_only_evaluates_a_checkpoint_off_the_eval_interval(char_data, tmp_path):
+def test_eval_only_evaluates_a_checkpoint_off_the_eval_interval(char_data, tmp_path, forkserver):
     """A stop's checkpoint (or one saved under another eval_interval) is not a multiple of eval_interval: an
     eval-only run evaluated nothing there and exited 0."""
     train(*from_argv(tiny_args(char_data, tmp_path, max_iters=6, eval_interval=3)))
-    r = subprocess.run([sys.executable, "launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume",
-                                                                      eval_only=True, eval_interval=4)],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = forkserver.run(["launch/train.py", *tiny_args(char_data, tmp_path, init_from="resume", eval_only=True,
+                                                     eval_interval=4)], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 6: train loss" in r.stdout, r.stdout
