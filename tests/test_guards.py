@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_args
-from dist_utils import as_launched, ds_json, spawn_ranks, train_rows
+from dist_utils import as_launched, ds_json, train_rows
 
 from nanomoe_ds import guards
 from nanomoe_ds.config import from_argv
@@ -54,11 +54,11 @@ def perturbed_rank(rank, world, argv, out, target):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["transformer.h.1.mlp.experts.w_in", "transformer.h.0.attn.c_proj.weight"])
-def test_a_replica_that_differs_stops_every_rank_and_saves_nothing(char_data, tmp_path, capfd, target):
+def test_a_replica_that_differs_stops_every_rank_and_saves_nothing(char_data, tmp_path, capfd, target, forkserver):
     """2 ranks, ep_size=1: every weight has two copies. One copy changed on rank 1 is named, with both
     ranks, in one line per rank; exit code 3; no checkpoint is written."""
     argv = ["--deepspeed_config", ds_json(tmp_path, "zero2"), *tiny_args(char_data, tmp_path / "run")]
-    spawn_ranks(perturbed_rank, (2, argv, str(tmp_path), target), 2)
+    forkserver.spawn_ranks(perturbed_rank, (2, argv, str(tmp_path), target), 2)
     assert [(tmp_path / f"code.{r}").read_text() for r in range(2)] == ["3", "3"]
     err = capfd.readouterr().err
     line = f"replicas diverged at iteration 0: {target} differs between rank 0 and rank 1"
@@ -82,10 +82,10 @@ def healthy_rank(rank, world, argv, out):
 
 
 @pytest.mark.slow
-def test_the_guard_is_silent_on_a_healthy_run_at_four_ranks(char_data, tmp_path):
+def test_the_guard_is_silent_on_a_healthy_run_at_four_ranks(char_data, tmp_path, forkserver):
     """4 ranks, ep_size=2 (two replica groups of experts): checked at every eval_interval, no stop."""
     argv = ["--deepspeed_config", ds_json(tmp_path, "zero2"),
             *tiny_args(char_data, tmp_path / "run", ep_size=2, gradient_accumulation_steps=4, check_grad_order=True)]
-    spawn_ranks(healthy_rank, (4, argv, str(tmp_path)), 4)
+    forkserver.spawn_ranks(healthy_rank, (4, argv, str(tmp_path)), 4)
     assert {(tmp_path / f"code.{r}").read_text() for r in range(4)} == {"0 [0, 3, 6]"}
     assert len(train_rows(tmp_path / "run")) == 7
