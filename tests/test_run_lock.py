@@ -33,16 +33,16 @@ def train_cmd(char_data, out_dir, **over) -> list[str]:
     return [sys.executable, "launch/train.py", *tiny_args(char_data, out_dir, **over)]
 
 
-def test_a_second_run_into_a_running_runs_out_dir_is_refused_and_a_kill_frees_it(char_data, tmp_path):
+def test_a_second_run_into_a_running_runs_out_dir_is_refused_and_a_kill_frees_it(char_data, tmp_path, forkserver):
     """Tried for real: a second run into a training run's out_dir stops in one line, before it writes
-    anything; after the first is killed -9 (the kernel drops its lock) a new run takes over and resumes."""
+    anything; after the first is killed -9 (the kernel drops its lock) a new run takes over and resumes.
+    The second and third runs are forked (tests/forkserver.py)."""
     out = tmp_path / "run"
     first = subprocess.Popen(train_cmd(char_data, out, max_iters=100000, eval_interval=5, init_from="auto"),
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_iter(out, 12, [first])
-        second = subprocess.run(train_cmd(char_data, out, max_iters=20, init_from="auto"), cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
+        second = forkserver.run(train_cmd(char_data, out, max_iters=20, init_from="auto")[1:], timeout=120)
         assert second.returncode == 2
         assert re.fullmatch(rf"error: out_dir '{out}' is in use by another run \(pid {first.pid} on host .*\n",
                             second.stderr), second.stderr
@@ -52,8 +52,8 @@ def test_a_second_run_into_a_running_runs_out_dir_is_refused_and_a_kill_frees_it
         first.communicate()
     rows = [r for r in records(out) if "loss" in r]
     assert [r["iter"] for r in rows] == list(range(len(rows)))  # one writer: its records alone, in order
-    third = subprocess.run(train_cmd(char_data, out, max_iters=rows[-1]["iter"] + 3, init_from="auto"), cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+    third = forkserver.run(train_cmd(char_data, out, max_iters=rows[-1]["iter"] + 3, init_from="auto")[1:],
+                           timeout=120)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "resumed at iteration " in third.stdout
 
@@ -93,20 +93,22 @@ def test_a_full_disk_at_start_up_is_one_line(char_data, tmp_path):
                    "--out_dir\n"), err
 
 
-def test_a_deleted_lock_is_taken_again_or_the_run_stops_before_it_writes(char_data, tmp_path):
-    """Tried for real: `.run.lock` deleted under a training run. Alone, the run takes it again at its next
-    save. With a second run admitted meanwhile (it locked the new file), the first stops at its next save
-    in one line, without writing: it prunes none of the second run's files."""
-    alone, shared = tmp_path / "alone", tmp_path / "shared"
+def lock_deleted_under_a_lone_run(char_data, alone) -> tuple[int, str, str]:
+    """A run whose `.run.lock` is deleted at iteration 2, to its end: (exit status, stdout, stderr)."""
     first = subprocess.Popen(train_cmd(char_data, alone, max_iters=12, eval_interval=6), cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_iter(alone, 2, [first])
-    (alone / ".run.lock").unlink()
-    out, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err[-2000:]
-    assert f"note: {alone / '.run.lock'} was deleted while this run held it; it is taken again" in out
-    assert (alone / "iter_12").is_dir()
+    try:
+        wait_for_iter(alone, 2, [first])
+        (alone / ".run.lock").unlink()
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    return first.returncode, out, err
 
+
+def lock_deleted_under_a_run_beside_another(char_data, shared):
+    """A run paused at iteration 2, its lock deleted, a second run started into the same out_dir and holding
+    the new lock, then the first resumed to its next save: (first, second, the first's stderr)."""
     first = subprocess.Popen(train_cmd(char_data, shared, max_iters=100000, eval_interval=10), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     second = None
@@ -131,6 +133,23 @@ def test_a_deleted_lock_is_taken_again_or_the_run_stops_before_it_writes(char_da
             if p is not None:
                 p.kill()
                 p.communicate()
+    return first, second, err
+
+
+def test_a_deleted_lock_is_taken_again_or_the_run_stops_before_it_writes(char_data, tmp_path):
+    """Tried for real: `.run.lock` deleted under a training run. Alone, the run takes it again at its next
+    save. With a second run admitted meanwhile (it locked the new file), the first stops at its next save
+    in one line, without writing: it prunes none of the second run's files. The two cases run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    with ThreadPoolExecutor(1) as pool:
+        lone_run = pool.submit(lock_deleted_under_a_lone_run, char_data, alone)
+        first, second, err = lock_deleted_under_a_run_beside_another(char_data, shared)
+        code, lone_out, lone_err = lone_run.result(timeout=240)
+    assert code == 0, lone_err[-2000:]
+    assert f"note: {alone / '.run.lock'} was deleted while this run held it; it is taken again" in lone_out
+    assert (alone / "iter_12").is_dir()
+
     assert first.returncode == 2, err[-2000:]
     assert re.fullmatch(rf"error: this run's lock on out_dir '{shared}' was deleted or replaced while it trained "
                         rf"\(a cleanup script\?\), and another run now holds it \(pid {second.pid} on host .*\); "
