@@ -48,13 +48,7 @@ def start_ranks(n: int, argv: list[str]) -> list[subprocess.Popen]:
 
 def run_ranks(n: int, argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
     """Run launch/train.py on n ranks; a rank that does not finish in `timeout` s fails the test as a hang."""
-    return wait_ranks(start_ranks(n, argv), timeout)
-
-
-def wait_ranks(procs: list[subprocess.Popen], timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Wait for ranks from start_ranks (run_ranks' second half, for a test that does something meanwhile); a rank
-    that does not finish in `timeout` s fails the test as a hang."""
-    argv = procs[0].args[2:]
+    procs = start_ranks(n, argv)
     results = []
     for p in procs:
         try:
