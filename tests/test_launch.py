@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, tiny_args
 from dist_utils import (ds_json, free_port, kill_node, loopback_env, records, start_agent, start_ranks, train_rows,
-                        wait_for_iter, wait_ranks)
+                        wait_for_iter)
 
 ZERO2 = str(REPO / "ds_configs/zero2.json")
 
@@ -27,17 +27,17 @@ def test_torchrun(char_data, tmp_path):
     assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]
 
 
-def test_srun_variables_alone(char_data, tmp_path):
-    """As `srun --ntasks=2` starts it: only SLURM_* variables, MASTER_ADDR from the node list."""
+def test_srun_variables_alone(char_data, tmp_path, forkserver):
+    """As `srun --ntasks=2` starts it: only SLURM_* variables, MASTER_ADDR from the node list (the two
+    processes are forked from the fork server, each with that environment alone)."""
     port = free_port()
     env = {k: v for k, v in loopback_env(MASTER_PORT=port).items() if k != "MASTER_ADDR"}
-    procs = [subprocess.Popen([sys.executable, "launch/train.py", "--deepspeed_config", ZERO2,
-                               *tiny_args(char_data, tmp_path, max_iters=2), "--ep_size=2"], cwd=REPO,
-                              env={**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                                   "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "42"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+    argv = ["launch/train.py", "--deepspeed_config", ZERO2, *tiny_args(char_data, tmp_path, max_iters=2),
+            "--ep_size=2"]
+    slurm = [{**env, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+              "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "42"} for r in range(2)]
+    ranks = forkserver.run_together([(argv, slurm_env) for slurm_env in slurm], timeout=300)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:]
     assert [row["iter"] for row in train_rows(tmp_path)] == [0, 1, 2]
 
 
@@ -189,21 +189,17 @@ def after_resume(out_dir, from_world: int, to_world: int) -> tuple[dict, list[di
     return recs[at], [r for r in recs[at + 1:] if "loss" in r]
 
 
-def start_by_hand(char_data, tmp_path, out_dir, world: int, max_iters: int) -> list[subprocess.Popen]:
-    """A copy of out_dir as it is now, continued from its newest checkpoint at `world` ranks by a plain
-    (non-elastic) resume; started while the elastic job restarts (it writes nothing until its workers are up)."""
+def resumed_by_hand(forkserver, char_data, out_dir, iteration: int, world: int, max_iters: int) -> list[dict]:
+    """The same checkpoint continued at `world` ranks by a plain (non-elastic) resume, beside out_dir; its training
+    records."""
+    tmp_path = out_dir.parent
     hand = tmp_path / "by_hand"
     shutil.copytree(out_dir, hand, ignore=shutil.ignore_patterns(".run.lock"))
     args = elastic_args(char_data, tmp_path, hand, max_iters)
-    return start_ranks(world, [a for a in args if a != "--init_from=auto"] + ["--init_from=resume"])
-
-
-def by_hand_steps(tmp_path, by_hand: list[subprocess.Popen]) -> list[dict]:
-    """The training records of the resume by hand, once it has finished (assert_same_steps checks that it
-    resumed from the checkpoint the elastic job did)."""
-    res, world = wait_ranks(by_hand), len(by_hand)
+    args = [a for a in args if a != "--init_from=auto"] + ["--init_from=resume", f"--resume_iter={iteration}"]
+    res = forkserver.run_ranks(world, args)
     assert [r.returncode for r in res] == [0] * world, res[0].stderr[-3000:]
-    return after_resume(tmp_path / "by_hand", 2 if world == 1 else 1, world)[1]
+    return after_resume(hand, 2 if world == 1 else 1, world)[1]
 
 
 def assert_same_steps(elastic: list[dict], by_hand: list[dict], first: int, last: int):
@@ -213,7 +209,7 @@ def assert_same_steps(elastic: list[dict], by_hand: list[dict], first: int, last
 
 
 @pytest.mark.parametrize("two_hosts", ["loopback", "netns"], indirect=True)
-def test_elastic_a_node_dies_and_the_survivor_finishes_alone(char_data, tmp_path, two_hosts):
+def test_elastic_a_node_dies_and_the_survivor_finishes_alone(char_data, tmp_path, two_hosts, forkserver):
     """Two torchrun agents (1 to 2 nodes), ZeRO-2, ep_size 2. The node that does not host the rendezvous is
     killed (agent and worker, -9) after a checkpoint: the survivor's rank says so in one line, its agent
     restarts it at world size 1, which resumes the newest checkpoint with ep_size 1 and finishes, taking the
@@ -224,26 +220,22 @@ def test_elastic_a_node_dies_and_the_survivor_finishes_alone(char_data, tmp_path
     args = elastic_args(char_data, tmp_path, out, last)
     host = start_agent(*nodes[0], endpoint, args, tmp_path / "host.log", hosts_store=True)
     other = start_agent(*nodes[1], endpoint, args, tmp_path / "other.log", hosts_store=False)
-    by_hand = []
     try:
         wait_for_iter(out, 25, [host, other])
         kill_node(other)
-        by_hand = start_by_hand(char_data, tmp_path, out, 1, last)  # from iter_20, as the survivor should
         assert host.wait(timeout=240) == 0, (tmp_path / "host.log").read_text()[-3000:]
-        hand_steps = by_hand_steps(tmp_path, by_hand)
     finally:
         for agent in (host, other):
             if agent.poll() is None:
                 kill_node(agent)
-        for rank in by_hand:
-            rank.kill()
     log = (tmp_path / "host.log").read_text()
     assert re.search(r"^error: rank 0: lost the rank at [\d.]+:\d+ during \w+: it died or its node is gone", log, re.M)
     assert "Traceback" not in log
     event, steps = after_resume(out, 2, 1)
     assert (event["from"]["ep_size"], event["to"]["ep_size"]) == (2, 1) and event["iter"] >= 20
     assert "note: ep_size 2 does not divide the 1 ranks; running ep_size 1" in log
-    assert_same_steps(steps, hand_steps, event["iter"], last)
+    by_hand = resumed_by_hand(forkserver, char_data, out, event["iter"], 1, last)
+    assert_same_steps(steps, by_hand, event["iter"], last)
 
 
 def sigterm_pending(pid: int) -> bool:
@@ -253,7 +245,7 @@ def sigterm_pending(pid: int) -> bool:
     return bool(pending >> (signal.SIGTERM - 1) & 1)
 
 
-def test_elastic_a_node_joins_and_the_job_grows(char_data, tmp_path):
+def test_elastic_a_node_joins_and_the_job_grows(char_data, tmp_path, forkserver):
     """One agent trains alone (world size 1, ep_size 1); a second joins mid-run. The first agent stops its
     worker (SIGTERM: it saves), the job re-forms at world size 2 and resumes with the requested ep_size 2,
     taking the steps a resume by hand at world size 2 takes. The lone worker is paused (SIGSTOP) from
@@ -264,7 +256,7 @@ def test_elastic_a_node_joins_and_the_job_grows(char_data, tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     args = elastic_args(char_data, tmp_path, out, last)
     first = start_agent([], loopback_env(), endpoint, args, tmp_path / "first.log", hosts_store=True)
-    second, by_hand = None, []
+    second = None
     try:
         wait_for_iter(out, 10, [first])
         (worker,) = [p for p in psutil.Process(first.pid).children(recursive=True)
@@ -276,21 +268,17 @@ def test_elastic_a_node_joins_and_the_job_grows(char_data, tmp_path):
             assert time.monotonic() < deadline and first.poll() is None, "the first agent never stopped its worker"
             time.sleep(0.1)
         worker.resume()
-        worker.wait(timeout=120)  # it saved where it stopped; the job re-forms at 2 ranks meanwhile
-        by_hand = start_by_hand(char_data, tmp_path, out, 2, last)
         assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
         assert second.wait(timeout=60) == 0, (tmp_path / "second.log").read_text()[-3000:]
-        hand_steps = by_hand_steps(tmp_path, by_hand)
     finally:
         for agent in (first, second):
             if agent is not None and agent.poll() is None:
                 kill_node(agent)
-        for rank in by_hand:
-            rank.kill()
     event, steps = after_resume(out, 1, 2)
     assert (event["from"]["ep_size"], event["to"]["ep_size"]) == (1, 2) and event["redone_iters"] == 0
     assert "stopped by SIGTERM" in (tmp_path / "first.log").read_text()  # the agent's stop saved the state
-    assert_same_steps(steps, hand_steps, event["iter"], last)
+    by_hand = resumed_by_hand(forkserver, char_data, out, event["iter"], 2, last)
+    assert_same_steps(steps, by_hand, event["iter"], last)
 
 
 def test_slurm_requeue_continues_where_the_time_limit_stopped(char_data, tmp_path):
@@ -339,23 +327,29 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_it(char_data, tmp_path, for
                         "(torchrun: --master-port, or set MASTER_PORT)\n"), r.stderr[-2000:]
 
 
-def test_an_out_dir_local_to_one_node_is_one_line_before_training(char_data, tmp_path):
+def test_an_out_dir_local_to_one_node_is_one_line_before_training(char_data, tmp_path, forkserver):
     """Rank 1 runs in a mount namespace of its own with a tmpfs over out_dir: a directory of the same name
-    that is not rank 0's, as on a node where out_dir is local. Every rank stops in one line at start-up."""
+    that is not rank 0's, as on a node where out_dir is local. Every rank stops in one line at start-up.
+    (Rank 0 is forked from the fork server, in the test's namespace.)"""
     out = tmp_path / "run"
     out.mkdir()
-    argv = ["--deepspeed_config", ds_json(tmp_path, "zero2"), *tiny_args(char_data, out)]
+    train = [str(REPO / "launch/train.py"), "--deepspeed_config", ds_json(tmp_path, "zero2"),
+             *tiny_args(char_data, out)]
     port = free_port()
-    train = [sys.executable, str(REPO / "launch/train.py"), *argv]
-    rank1 = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
-             f"mount -t tmpfs tmpfs {out} && exec \"$@\"", "node-local", *train]
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_PORT=port))
-             for r, cmd in enumerate([train, rank1])]
-    results = [p.communicate(timeout=120) for p in procs]
+    env = [loopback_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_PORT=port) for r in range(2)]
+    rank1 = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                              f"mount -t tmpfs tmpfs {out} && exec \"$@\"", "node-local", sys.executable, *train],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env[1])
+    try:
+        rank0 = forkserver.run(train, env=env[0], timeout=120)
+        rank1 = subprocess.CompletedProcess(rank1.args, rank1.wait(timeout=120), *rank1.communicate())
+    finally:
+        if isinstance(rank1, subprocess.Popen):
+            rank1.kill()
     line = (f"rank 1 does not see the run lock rank 0 wrote in out_dir '{out}': out_dir is not shared between this "
             "rank's node and rank 0's; a multi-node run needs an out_dir on a file system every node mounts")
-    for r, (p, (_, err)) in enumerate(zip(procs, results)):
-        assert p.returncode == 2, err[-2000:]
+    for r, result in enumerate([rank0, rank1]):
+        err = result.stderr
+        assert result.returncode == 2, err[-2000:]
         assert err.startswith(f"error: rank {r}: {line}") and err.count("\n") == 1, err[-2000:]
     assert not (out / "metrics.jsonl").exists()
