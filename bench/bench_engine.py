@@ -180,7 +180,7 @@ def main():
             engines = {v: build(model, v, args, overrides, tmp) for v in variants}
             plain = engines["plain"]
             cfg = plain.module.config
-            batches = FixedBatches(torch.randint(0, cfg.vocab_size, (plain.t.batch_size, cfg.block_size),
+            batches = FixedBatches(torch.randint(0, cfg.vocab_size, (plain.train_cfg.batch_size, cfg.block_size),
                                                  generator=torch.Generator().manual_seed(0)).to(args.device))
             saved = {v: saved_for_backward_mib(engine, batches, "-ac" in v) for v, engine in engines.items()}
             peak = {v: step_peak_mib(engine, batches) for v, engine in engines.items()}
