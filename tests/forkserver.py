@@ -32,7 +32,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PRELOAD = ("torch", "numpy", "deepspeed", "nanomoe_ds.ds_engine", "nanomoe_ds.trainer", "nanomoe_ds.start")
+# The muon module is what DeepSpeed imports at its first engine build (it pulls in torch._inductor):
+# loaded here once, not in every forked rank.
+PRELOAD = ("torch", "numpy", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer", "nanomoe_ds.ds_engine",
+           "nanomoe_ds.trainer", "nanomoe_ds.start")
 
 
 class ForkServer:
@@ -137,7 +140,10 @@ def serve():
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what an import prints must not reach the answers
     sys.path.insert(1, str(REPO))  # this checkout's package, as the scripts do; [0] is the child's script's folder
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # only a speed-up: another DeepSpeed may lack a module; the child imports what it needs
+            pass
     for line in sys.stdin:
         request = json.loads(line)
         pids = [fork_job(job, answer.fileno()) for job in request["jobs"]]
