@@ -40,7 +40,7 @@ def test_both_precisions_refused_on_every_device():
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "launch/config").glob("*.py")))
 def test_every_preset_reconciles_at_any_world_size(preset, world):
-    """What each rank works out before training, for every shipped preset and the README's JSONs.
+    """What each rank works out before training, for every shipped preset and the shipped JSONs (ds_configs/).
     (init_from is not part of it; the upcycling presets' source run need not exist here.)"""
     model_cfg, train_cfg = from_argv([str(REPO / "launch/config" / preset), "--init_from=scratch"])
     train_cfg.gradient_accumulation_steps, _ = fit_accumulation(train_cfg.gradient_accumulation_steps, world,

@@ -153,7 +153,7 @@ def test_two_launchers_without_ssh_match_one_launcher(char_data, tmp_path, two_h
 
 
 def test_mpirun(char_data, tmp_path):
-    """The README's mpirun line on one machine: Open MPI, 2 ranks, ep_size=2.
+    """docs/deepspeed.md's mpirun line on one machine: Open MPI, 2 ranks, ep_size=2.
 
     MASTER_ADDR is exported (-x), so launch_env takes the ranks from Open MPI's variables and
     DeepSpeed's MPI discovery (which would pick a non-loopback address and port 29500) is skipped.
